@@ -1,0 +1,530 @@
+"""Retrieval metrics for image-text retrieval, exact under ties (METHOD.md §4).
+
+Protocol (METHOD §4):
+
+* image→text (i2t, ALBEF keys ``txt_r*``): an image's rank is the best rank among its
+  ground-truth captions (any number per image, not only 5);
+* text→image (t2i, ALBEF keys ``img_r*``): a caption's rank is the rank of its image;
+* R@K in percent for K in ``ks`` (1, 5, 10) in both directions; ``r_mean`` is their mean.
+
+Ties are real: identical caption texts get identical embeddings, so in i2t they tie exactly.
+Argsort tie-breaking (the public evaluators) makes recall depend on the order of the caption
+file. Here R@K is the *exact expectation* under a uniformly random order of tied items, and a
+pessimistic variant (every tied negative ranked ahead) is reported beside it.
+
+Every query reduces to three counts about its best positive score ``s*`` (see `TieRanks`):
+``a`` negatives strictly above ``s*``, ``n`` negatives equal to ``s*`` and ``p >= 1`` positives
+equal to ``s*``. Under a random order of the ``n + p`` tied items, the number ``j`` of tied
+negatives ahead of the first tied positive has ``P(j >= r) = C(n, r) / C(n + p, r)``, the best
+rank is ``a + j`` (0-based), so ``P(rank < K) = 1 - P(j >= K - a)``. With one positive (t2i)
+this is ``clip((K - a) / (n + 1), 0, 1)``.
+
+The duplicate-aware recall and the oracle upper bound (METHOD §4) reuse the same machinery:
+captions are grouped by normalised text (`caption_groups`), and "positive" becomes "shares a
+normalised text with the ground truth".
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+TIE_MODES: tuple[str, ...] = ("expected", "pessimistic", "both")
+# Bound on the elements of one [queries, candidates] block, so that a 10k x 50k matrix is
+# processed in slices of a few hundred MB instead of several GB of temporaries.
+DEFAULT_MAX_ELEMENTS = 1 << 23
+
+_TRAILING_PUNCT = ".,;:!?"
+_PUNCT = frozenset(string.punctuation)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-query rank statistics
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TieRanks:
+    """Exact rank statistics of each query's best-ranked positive, Q queries.
+
+    Attributes:
+        above: [Q] int64, ``a``: negatives scoring strictly above the best positive score s*.
+        tied_neg: [Q] int64, ``n``: negatives scoring exactly s*.
+        tied_pos: [Q] int64, ``p >= 1``: positives scoring exactly s*.
+
+    Ranks are 0-based: rank 0 is the top of the list.
+    """
+
+    above: torch.Tensor
+    tied_neg: torch.Tensor
+    tied_pos: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.above.numel())
+
+    @property
+    def optimistic_rank(self) -> torch.Tensor:
+        """[Q] int64: best rank when every tie breaks in the query's favour (``a``)."""
+        return self.above
+
+    @property
+    def pessimistic_rank(self) -> torch.Tensor:
+        """[Q] int64: best rank when every tied negative is ranked ahead (``a + n``)."""
+        return self.above + self.tied_neg
+
+    @property
+    def expected_rank(self) -> torch.Tensor:
+        """[Q] float64: expected best rank under a random tie order, ``a + n / (p + 1)``."""
+        # The p positives cut the n tied negatives into p + 1 equally likely gaps.
+        return self.above.double() + self.tied_neg.double() / (self.tied_pos.double() + 1.0)
+
+    def hit_probability(self, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
+        """[Q, len(ks)] float64: exact ``P(best rank < K)`` under a random tie order."""
+        return hit_probability(self, ks)
+
+    def pessimistic_hits(self, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
+        """[Q, len(ks)] float64 in {0, 1}: ``pessimistic_rank < K``."""
+        k = torch.tensor(_check_ks(ks), dtype=torch.long)
+        return (self.pessimistic_rank[:, None] < k[None, :]).double()
+
+
+def hit_probability(ranks: TieRanks, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
+    """Exact probability that each query's best positive lands in the top K.
+
+    Args:
+        ranks: statistics of Q queries (`i2t_ranks`, `t2i_ranks`).
+        ks: cut-offs K.
+
+    Returns:
+        [Q, len(ks)] float64: ``1 - C(n, r) / C(n + p, r)`` with ``r = K - a`` (0 if r <= 0,
+        1 if r > n), computed in log space so that large tie groups do not overflow.
+    """
+    k = torch.tensor(_check_ks(ks), dtype=torch.float64)
+    a = ranks.above.double()[:, None]
+    n = ranks.tied_neg.double()[:, None]
+    p = ranks.tied_pos.double()[:, None]
+    r = k[None, :] - a  # tied negatives that may precede the first positive and still hit
+    r_ok = r.clamp(min=0.0).minimum(n)  # keeps lgamma arguments >= 1 where r is out of range
+    log_miss = (
+        torch.lgamma(n + 1.0)
+        - torch.lgamma(n - r_ok + 1.0)
+        - torch.lgamma(n + p + 1.0)
+        + torch.lgamma(n + p - r_ok + 1.0)
+    )
+    prob = -torch.expm1(log_miss)
+    prob = torch.where(r <= 0, torch.zeros_like(prob), prob)
+    return torch.where(r > n, torch.ones_like(prob), prob)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a torch tensor or numpy array: {err}") from err
+
+
+def _check_scores(scores: ArrayLike) -> torch.Tensor:
+    s = _as_tensor(scores, "scores")
+    if s.ndim != 2 or s.numel() == 0:
+        raise ValueError(f"scores must be a non-empty [N_img, N_txt] matrix, got {tuple(s.shape)}")
+    if s.is_complex():
+        raise ValueError("scores must be real-valued")
+    if not s.is_floating_point():
+        # Integer/bool scores: float64 is exact up to 2**53 and allows the -inf fill below.
+        s = s.to(torch.float64)
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN; ranks would be undefined")
+    return s
+
+
+def _check_txt2img(txt2img: ArrayLike, n_img: int | None, n_txt: int | None) -> torch.Tensor:
+    t = _as_tensor(txt2img, "txt2img")
+    if t.ndim != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(
+            f"txt2img must be a 1-D integer array [N_txt], got {t.dtype} {tuple(t.shape)}"
+        )
+    t = t.long()
+    if n_txt is not None and t.numel() != n_txt:
+        raise ValueError(
+            f"txt2img has {t.numel()} entries but scores has {n_txt} columns (N_txt); "
+            "scores must be [N_img, N_txt]"
+        )
+    if t.numel() == 0:
+        raise ValueError("txt2img is empty")
+    if int(t.min()) < 0 or (n_img is not None and int(t.max()) >= n_img):
+        raise ValueError(
+            f"txt2img values must lie in [0, {n_img}) (N_img), got range "
+            f"[{int(t.min())}, {int(t.max())}]"
+        )
+    n_img = int(t.max()) + 1 if n_img is None else n_img
+    missing = (torch.bincount(t.cpu(), minlength=n_img) == 0).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(
+            f"{missing.numel()} image(s) have no caption in txt2img, e.g. image "
+            f"{missing[:5].tolist()}; image-to-text rank is undefined for them"
+        )
+    return t
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    ok = bool(ks) and all(
+        isinstance(k, int | np.integer) and not isinstance(k, bool) and k >= 1 for k in ks
+    )
+    if not ok or len(set(ks)) != len(ks):
+        raise ValueError(f"ks must be distinct positive integers, got {ks!r}")
+    return tuple(int(k) for k in ks)
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties must be one of {TIE_MODES}, got {ties!r}")
+
+
+def _check_groups(groups: ArrayLike | None, n_txt: int, device: torch.device) -> torch.Tensor:
+    """[N_txt] int64 compact group ids; None means every caption is its own group."""
+    if groups is None:
+        return torch.arange(n_txt, device=device)
+    g = _as_tensor(groups, "caption_groups")
+    if g.ndim != 1 or g.numel() != n_txt or g.is_floating_point() or g.dtype == torch.bool:
+        raise ValueError(
+            f"caption_groups must be a 1-D integer array of length N_txt={n_txt}, "
+            f"got {g.dtype} {tuple(g.shape)}"
+        )
+    # Relabel to 0..G-1 so that group ids can index dense [*, G] tables.
+    return torch.unique(g.long(), return_inverse=True)[1].to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Captions: normalisation and groups of identical texts
+# --------------------------------------------------------------------------------------------
+def normalize_caption(text: str) -> str:
+    """Normalise a caption for duplicate detection (METHOD §4).
+
+    Lower-cases, splits on any whitespace, strips trailing ``.,;:!?`` from each token and drops
+    tokens made only of punctuation, so ``"A plane  is parked ."`` and ``"a plane is parked."``
+    both give ``"a plane is parked"``. Word-internal punctuation (``"u.s"``, ``"t-shirt"``)
+    is kept.
+    """
+    tokens = []
+    for tok in text.lower().split():
+        tok = tok.rstrip(_TRAILING_PUNCT)
+        if tok and not all(ch in _PUNCT for ch in tok):
+            tokens.append(tok)
+    return " ".join(tokens)
+
+
+def caption_groups(caption_texts: Sequence[str]) -> torch.Tensor:
+    """[N_txt] int64 id of each caption's normalised text, numbered by first appearance."""
+    if isinstance(caption_texts, str) or not all(isinstance(t, str) for t in caption_texts):
+        raise ValueError("caption_texts must be a sequence of strings, one per caption")
+    ids: dict[str, int] = {}
+    return torch.tensor(
+        [ids.setdefault(normalize_caption(t), len(ids)) for t in caption_texts], dtype=torch.long
+    )
+
+
+def _texts_to_groups(caption_texts: Sequence[str], n_txt: int) -> torch.Tensor:
+    if len(caption_texts) != n_txt:
+        raise ValueError(
+            f"caption_texts has {len(caption_texts)} entries but there are {n_txt} captions"
+        )
+    return caption_groups(caption_texts)
+
+
+def _image_group_pairs(
+    txt2img: torch.Tensor, groups: torch.Tensor, n_img: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct (group, image) pairs "image owns a caption of this group", sorted by group.
+
+    Returns pair_grp [M], pair_img [M] int64 with M <= N_txt.
+    """
+    code = torch.unique(groups * n_img + txt2img)  # sorted: by group, then image
+    return code // n_img, code % n_img
+
+
+# --------------------------------------------------------------------------------------------
+# Rank statistics from a score matrix
+# --------------------------------------------------------------------------------------------
+def _count_block(
+    s: torch.Tensor, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts (a, n, p) for q queries; s [q, C] scores against all C candidates, pos [q, C]."""
+    fill = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    best = torch.where(pos, s, fill).amax(dim=1, keepdim=True)  # [q, 1] best positive s*
+    neg = ~pos
+    tie = s == best
+    return (s > best).logical_and(neg).sum(1), (tie & neg).sum(1), (tie & pos).sum(1)
+
+
+def _collect(parts: list[tuple[torch.Tensor, ...]]) -> TieRanks:
+    above, tied_neg, tied_pos = (torch.cat(col).cpu() for col in zip(*parts, strict=True))
+    return TieRanks(above=above, tied_neg=tied_neg, tied_pos=tied_pos)
+
+
+def _block_rows(n_cols: int, max_elements: int) -> int:
+    return max(1, int(max_elements) // max(1, n_cols))
+
+
+def i2t_ranks(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    caption_groups: ArrayLike | None = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> TieRanks:
+    """Image→text rank statistics: one query per image, the best of its positive captions.
+
+    Args:
+        scores: [N_img, N_txt] similarities, higher = more similar (torch or numpy).
+        txt2img: [N_txt] int, image index of each caption; every image needs >= 1 caption.
+        caption_groups: optional [N_txt] int text-group ids (`caption_groups`). Then a caption
+            is positive for an image if its group is one of the image's groups (duplicate-aware
+            recall). None: positives are the image's own captions (standard metric).
+        max_elements: bound on the size of one processed block of rows.
+
+    Returns:
+        `TieRanks` with Q = N_img.
+    """
+    s = _check_scores(scores)
+    n_img, n_txt = s.shape
+    t2i = _check_txt2img(txt2img, n_img, n_txt).to(s.device)
+    grp = _check_groups(caption_groups, n_txt, s.device)
+    n_grp = int(grp.max()) + 1
+    pair_grp, pair_img = _image_group_pairs(t2i, grp, n_img)
+    step = _block_rows(n_txt, max_elements)
+    parts = []
+    for r0 in range(0, n_img, step):
+        r1 = min(r0 + step, n_img)
+        # owns[i, g]: image r0 + i has a caption in group g; positives are captions of its groups
+        owns = torch.zeros(r1 - r0, n_grp, dtype=torch.bool, device=s.device)
+        sel = (pair_img >= r0) & (pair_img < r1)
+        owns[pair_img[sel] - r0, pair_grp[sel]] = True
+        parts.append(_count_block(s[r0:r1], owns[:, grp]))
+    return _collect(parts)
+
+
+def _images_of_groups(
+    q_grp: torch.Tensor,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    pair_img: torch.Tensor,
+    n_img: int,
+) -> torch.Tensor:
+    """[q, N_img] bool: images owning each query's group, from the group-sorted pair list."""
+    cnt = counts[q_grp]
+    rows = torch.repeat_interleave(torch.arange(q_grp.numel(), device=q_grp.device), cnt)
+    # Offset of every entry within its query's run, to index the pairs of that query's group.
+    run_start = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+    within = torch.arange(rows.numel(), device=q_grp.device) - run_start
+    idx = torch.repeat_interleave(starts[q_grp], cnt) + within
+    pos = torch.zeros(q_grp.numel(), n_img, dtype=torch.bool, device=q_grp.device)
+    pos[rows, pair_img[idx]] = True
+    return pos
+
+
+def t2i_ranks(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    caption_groups: ArrayLike | None = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> TieRanks:
+    """Text→image rank statistics: one query per caption, the rank of its image.
+
+    Args:
+        scores: [N_img, N_txt] similarities, higher = more similar (torch or numpy).
+        txt2img: [N_txt] int, image index of each caption.
+        caption_groups: optional [N_txt] int text-group ids. Then every image owning a caption
+            of the query's group is positive (duplicate-aware recall); None: only its image.
+        max_elements: bound on the size of one processed block of captions.
+
+    Returns:
+        `TieRanks` with Q = N_txt (``tied_pos`` is 1 in the standard metric).
+    """
+    s = _check_scores(scores)
+    n_img, n_txt = s.shape
+    t2i = _check_txt2img(txt2img, n_img, n_txt).to(s.device)
+    grp = _check_groups(caption_groups, n_txt, s.device)
+    pair_grp, pair_img = _image_group_pairs(t2i, grp, n_img)
+    counts = torch.bincount(pair_grp, minlength=int(grp.max()) + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    step = _block_rows(n_img, max_elements)
+    parts = []
+    for c0 in range(0, n_txt, step):
+        c1 = min(c0 + step, n_txt)
+        pos = _images_of_groups(grp[c0:c1], starts, counts, pair_img, n_img)
+        parts.append(_count_block(s[:, c0:c1].T, pos))
+    return _collect(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Recall dictionaries
+# --------------------------------------------------------------------------------------------
+def _recall_dict(
+    i2t_hits: torch.Tensor, t2i_hits: torch.Tensor, ks: tuple[int, ...], prefix: str, suffix: str
+) -> dict[str, float]:
+    """ALBEF keys from per-query hits [N_img, len(ks)] (i2t) and [N_txt, len(ks)] (t2i)."""
+    txt = i2t_hits.mean(0) * 100.0
+    img = t2i_hits.mean(0) * 100.0
+    out = {f"{prefix}txt_r{k}{suffix}": float(v) for k, v in zip(ks, txt, strict=True)}
+    out.update({f"{prefix}img_r{k}{suffix}": float(v) for k, v in zip(ks, img, strict=True)})
+    out[f"{prefix}r_mean{suffix}"] = float(torch.cat([txt, img]).mean())
+    return out
+
+
+def _summarise(
+    i2t: TieRanks, t2i: TieRanks, ks: tuple[int, ...], ties: str, prefix: str = ""
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if ties in ("expected", "both"):
+        out.update(_recall_dict(i2t.hit_probability(ks), t2i.hit_probability(ks), ks, prefix, ""))
+    if ties in ("pessimistic", "both"):
+        suffix = "_pess" if ties == "both" else ""
+        out.update(
+            _recall_dict(i2t.pessimistic_hits(ks), t2i.pessimistic_hits(ks), ks, prefix, suffix)
+        )
+    return out
+
+
+def recall_at_k(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = "expected",
+    *,
+    caption_groups: ArrayLike | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, float]:
+    """R@K in both directions and their mean, in percent (METHOD §4, ALBEF keys).
+
+    Args:
+        scores: [N_img, N_txt] similarities, higher = more similar.
+        txt2img: [N_txt] int, image index of each caption.
+        ks: cut-offs K.
+        ties: "expected" (exact expectation under a random order of tied items),
+            "pessimistic" (tied negatives ahead) or "both" (expected keys plus ``*_pess``).
+        caption_groups: optional [N_txt] text-group ids, see `i2t_ranks`.
+        max_elements: memory bound for one block of the score matrix.
+
+    Returns:
+        ``{"txt_r1", ..., "img_r1", ..., "r_mean"}`` as Python floats; txt_* is i2t.
+    """
+    ks = _check_ks(ks)
+    _check_ties(ties)
+    kw = {"caption_groups": caption_groups, "max_elements": max_elements}
+    return _summarise(i2t_ranks(scores, txt2img, **kw), t2i_ranks(scores, txt2img, **kw), ks, ties)
+
+
+def duplicate_aware_recall(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    caption_texts: Sequence[str],
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, float]:
+    """Recall that counts identical normalised texts as hits (METHOD §4), ``dup_*`` keys.
+
+    i2t: a retrieved caption is a hit if its normalised text equals one of the image's
+    ground-truth texts. t2i: a retrieved image is a hit if it owns a caption with the query's
+    normalised text. Ties: exact expectation.
+
+    Args:
+        scores: [N_img, N_txt]; txt2img: [N_txt]; caption_texts: N_txt strings.
+    """
+    ks = _check_ks(ks)
+    s = _check_scores(scores)
+    groups = _texts_to_groups(caption_texts, s.shape[1])
+    kw = {"caption_groups": groups, "max_elements": max_elements}
+    i2t = i2t_ranks(s, txt2img, **kw)
+    return _summarise(i2t, t2i_ranks(s, txt2img, **kw), ks, "expected", prefix="dup_")
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle upper bound of the standard metric
+# --------------------------------------------------------------------------------------------
+def oracle_scores(
+    txt2img: ArrayLike, caption_texts: Sequence[str], n_img: int | None = None
+) -> torch.Tensor:
+    """[N_img, N_txt] float32 scores of a perfect model blind to identical texts.
+
+    ``score(i, t) = 1`` if the normalised text of caption t is one of image i's normalised
+    texts, else 0. Dense: meant for inspection and tests; `oracle_upper_bound` uses counts.
+    """
+    t2i = _check_txt2img(txt2img, n_img, None).cpu()
+    grp = _texts_to_groups(caption_texts, t2i.numel())
+    n_img = int(t2i.max()) + 1 if n_img is None else n_img
+    owns = torch.zeros(n_img, int(grp.max()) + 1, dtype=torch.bool)
+    owns[t2i, grp] = True
+    return owns[:, grp].float()
+
+
+def oracle_ranks(
+    txt2img: ArrayLike, caption_texts: Sequence[str], n_img: int | None = None
+) -> tuple[TieRanks, TieRanks]:
+    """Rank statistics of `oracle_scores` (i2t [N_img], t2i [N_txt]) without the dense matrix.
+
+    In the oracle every positive scores 1 and nothing beats it (a = 0). i2t: the image's own
+    captions (p) tie with the other captions of its texts (n). t2i: the caption's image ties
+    with the other images owning its text (n = distinct images of the text - 1).
+    """
+    t2i = _check_txt2img(txt2img, n_img, None).cpu()
+    grp = _texts_to_groups(caption_texts, t2i.numel())
+    n_img = int(t2i.max()) + 1 if n_img is None else n_img
+    pair_grp, pair_img = _image_group_pairs(t2i, grp, n_img)
+    own = torch.bincount(t2i, minlength=n_img)
+    tied_txt = torch.zeros(n_img, dtype=torch.long)
+    tied_txt.index_add_(0, pair_img, torch.bincount(grp)[pair_grp])
+    imgs_per_grp = torch.bincount(pair_grp)
+    i2t = TieRanks(torch.zeros(n_img, dtype=torch.long), tied_txt - own, own)
+    one = torch.ones_like(t2i)
+    return i2t, TieRanks(torch.zeros_like(t2i), imgs_per_grp[grp] - 1, one)
+
+
+def oracle_upper_bound(
+    txt2img: ArrayLike,
+    caption_texts: Sequence[str],
+    ks: Sequence[int] = DEFAULT_KS,
+    n_img: int | None = None,
+) -> dict[str, float]:
+    """Expected standard recall of the text-blind oracle (METHOD §4), ``oracle_*`` keys.
+
+    Equal to ``recall_at_k(oracle_scores(txt2img, caption_texts), txt2img)``; t2i gives
+    ``min(1, K / n)`` for a caption whose normalised text belongs to n images.
+    """
+    ks = _check_ks(ks)
+    i2t, t2i = oracle_ranks(txt2img, caption_texts, n_img)
+    return _summarise(i2t, t2i, ks, "expected", prefix="oracle_")
+
+
+def evaluate_retrieval(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    caption_texts: Sequence[str] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, float]:
+    """All METHOD §4 numbers: expected recall, ``*_pess`` and, given texts, ``dup_*``/``oracle_*``.
+
+    Args:
+        scores: [N_img, N_txt] similarities; txt2img: [N_txt] int; caption_texts: N_txt strings.
+    """
+    ks = _check_ks(ks)
+    s = _check_scores(scores)  # once: the calls below receive a validated tensor
+    out = recall_at_k(s, txt2img, ks, "both", max_elements=max_elements)
+    if caption_texts is not None:
+        kw = {"max_elements": max_elements}
+        out.update(duplicate_aware_recall(s, txt2img, caption_texts, ks, **kw))
+        out.update(oracle_upper_bound(txt2img, caption_texts, ks, n_img=s.shape[0]))
+    return out

@@ -1,0 +1,36 @@
+"""Where the project finds data that is not in the repository.
+
+Real data (the UCM subset, the annotation files of the four benchmarks) lives outside the repo,
+in ``../shared/data`` next to the checkout. ``CMPAGL_DATA`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The repository root (the folder holding ``cmpagl/``), used for repo-relative defaults.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ENV_SHARED_DATA = "CMPAGL_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The shared real-data folder: ``$CMPAGL_DATA`` if set, else ``<repo>/../shared/data``.
+
+    The folder may not exist (a clone without the shared data); callers check and say so.
+    """
+    env = os.environ.get(ENV_SHARED_DATA)
+    if env:
+        return Path(env).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def ucm_subset_dir() -> Path:
+    """The 1,600-image real UCM-Captions subset (16 classes, standard split)."""
+    return shared_data_dir() / "ucm_captions_subset16"
+
+
+def annotations_dir() -> Path:
+    """Real caption files of RSICD, RSITMD, UCM-Captions and Sydney-Captions (no images)."""
+    return shared_data_dir() / "annotations"
