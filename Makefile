@@ -11,7 +11,6 @@ EXECUTED := $(patsubst notebooks/%,executed/%,$(NOTEBOOKS))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .PHONY: book test setup data notebooks lab lint clean

