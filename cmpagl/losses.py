@@ -5,15 +5,13 @@ open_clip's ``loss.py``), and :func:`combine_losses` weights them with :class:`L
 
     L = w_itc·L_itc + w_tri·L_otri + w_itm·L_itm + w_mlm·L_mlm
 
-=================  ===========================  ==============================================
-term (dict key)    function                     METHOD §2
-=================  ===========================  ==============================================
-``"itc"``          :func:`itc_loss`             ALBEF ITC, multi-positive, momentum distillation
-``"tri"``          :func:`optimized_triplet_loss`  L_otri = L_tri + λ_intra·L_intra
-``"itm"``          :func:`itm_loss`             CE over B positives and 2B hard negatives
-                   (:func:`itm_hard_negatives`)
-``"mlm"``          :func:`mlm_loss`             CE over the masked tokens
-=================  ===========================  ==============================================
+* ``"itc"``: :func:`itc_loss`, ALBEF ITC with several positives per image and optional
+  momentum distillation;
+* ``"tri"``: :func:`optimized_triplet_loss`, L_otri = L_tri (:func:`triplet_loss`)
+  + λ_intra·L_intra (:func:`intra_class_loss`);
+* ``"itm"``: :func:`itm_loss`, CE over B positives and 2B hard negatives drawn by
+  :func:`itm_hard_negatives`;
+* ``"mlm"``: :func:`mlm_loss`, CE over the masked tokens.
 
 An image has several captions, so "positive" always means "same image id", never "same row".
 Nothing here touches ``torch.distributed``: gathering features across processes, if ever
@@ -227,7 +225,9 @@ def triplet_loss(
         raise ValueError(f"reduction must be 'hardest' or 'sum', got {reduction!r}")
     sim, pos = _cosine_pairs(image_feat, text_feat)  # [B, B] s[i, t], [B]
     if image_ids.shape != pos.shape:
-        raise ValueError(f"image_ids: expected shape {list(pos.shape)}, got {list(image_ids.shape)}")
+        raise ValueError(
+            f"image_ids: expected shape {list(pos.shape)}, got {list(image_ids.shape)}"
+        )
     neg = image_ids.view(-1, 1) != image_ids.view(1, -1)  # [B, B], symmetric, diagonal False
 
     if reduction == "sum":
@@ -236,14 +236,13 @@ def triplet_loss(
         cost_t2i = torch.where(neg, (margin - pos.view(1, -1) + sim).clamp(min=0), 0.0)
         return cost_i2t.sum(dim=1).mean() + cost_t2i.sum(dim=0).mean()
 
-    # Hardest negative: masked entries can never be the max. An anchor without negatives gets
-    # a finite dummy max and is then zeroed by `where`, whose gradient to it is exactly 0.
+    # Hardest negative: masked entries are filled with the lowest finite value (not -inf, so
+    # no inf - inf can arise) and can never be the max. An anchor without negatives then gets
+    # that dummy max, and `where` zeroes its cost with an exactly-0 gradient.
     has_neg = neg.any(dim=1)  # symmetric mask: the same for image and text anchors
-    low = torch.finfo(sim.dtype).min
-    hard_t = sim.masked_fill(~neg, low).amax(dim=1)  # [B] hardest text per image
-    hard_i = sim.masked_fill(~neg, low).amax(dim=0)  # [B] hardest image per text
-    hard_t = torch.where(has_neg, hard_t, pos)
-    hard_i = torch.where(has_neg, hard_i, pos)
+    masked = sim.masked_fill(~neg, torch.finfo(sim.dtype).min)
+    hard_t = masked.amax(dim=1)  # [B] hardest negative text of each image
+    hard_i = masked.amax(dim=0)  # [B] hardest negative image of each text
     cost_i2t = torch.where(has_neg, (margin - pos + hard_t).clamp(min=0), 0.0)
     cost_t2i = torch.where(has_neg, (margin - pos + hard_i).clamp(min=0), 0.0)
     return cost_i2t.mean() + cost_t2i.mean()
@@ -307,9 +306,11 @@ def itm_hard_negatives(
     does; the temperature sets how hard the negatives are.
 
     A row whose batch holds no other image (all ids equal) has no valid negative: its index is
-    ``-1``. The caller drops those rows before fusing (or passes ``neg_valid`` to
-    :func:`itm_loss`), so the loss skips them; -1 is deterministic and fails loudly if it is
-    used as an index by mistake on a device that checks bounds.
+    ``-1``. The caller keeps only ``idx >= 0`` before fusing (or gathers with any index and
+    passes ``neg_valid = idx >= 0`` to :func:`itm_loss`), so the loss skips those rows. Note
+    that PyTorch reads ``-1`` as "the last row", so using it unmasked fails silently. In a
+    batch of pairs a row lacks a negative only if every pair shows the same image, so in
+    practice either all rows are valid or none is.
 
     Args:
         sim_i2t: [B, B] logits, row i = image i, column j = text j (the pairs of the batch).
@@ -425,9 +426,7 @@ def active_terms(cfg: LossConfig) -> set[str]:
     return {name for name, w in _weights(cfg).items() if w > 0}
 
 
-def combine_losses(
-    terms: Mapping[str, Tensor], cfg: LossConfig
-) -> tuple[Tensor, dict[str, float]]:
+def combine_losses(terms: Mapping[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
     """Weighted total L = w_itc·L_itc + w_tri·L_otri + w_itm·L_itm + w_mlm·L_mlm (METHOD §2).
 
     Args:
@@ -459,7 +458,9 @@ def combine_losses(
         if value.ndim != 0:
             raise ValueError(f"loss term '{name}' must be a scalar, got shape {list(value.shape)}")
 
-    total = sum((weights[name] * terms[name] for name in active[1:]), weights[active[0]] * terms[active[0]])
+    total = weights[active[0]] * terms[active[0]]
+    for name in active[1:]:
+        total = total + weights[name] * terms[name]
     logs = {name: float(value.detach()) for name, value in terms.items()}
     logs["total"] = float(total.detach())
     return total, logs

@@ -1,0 +1,117 @@
+"""The training objective: one batch through CMPAGL to the weighted loss (METHOD.md §2).
+
+This is the only place where model features meet the loss functions of :mod:`cmpagl.losses`.
+A term whose weight is 0 is not computed at all: with ``w_itm = w_mlm = 0`` the multimodal
+encoder never runs, with ``w_itc = 0`` the momentum encoders and queue are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from cmpagl.config import LossConfig
+from cmpagl.losses import (
+    active_terms,
+    combine_losses,
+    itc_loss,
+    itm_hard_negatives,
+    itm_loss,
+    mlm_loss,
+    optimized_triplet_loss,
+)
+from cmpagl.models.cmpagl import CMPAGL, ImageFeatures, TextFeatures
+from cmpagl.models.text import mask_tokens
+
+
+def _itc_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, images: Tensor,
+              tok: dict, ids: Tensor, temp: Tensor, cfg: LossConfig) -> Tensor:
+    """ITC against the momentum batch + queue (with distillation α), or in-batch without them."""
+    if not model.use_momentum:
+        if cfg.itc_alpha > 0:
+            raise ValueError("loss.itc_alpha > 0 needs the momentum encoders (use_momentum=True)")
+        return itc_loss(img.embed, txt.embed, ids, temp)
+    with torch.no_grad():
+        model.momentum_update()
+        img_m, txt_m = model.momentum_embeddings(images, tok["input_ids"], tok["attention_mask"])
+        q_img, q_txt, q_ids = model.queue.contents()
+        image_all, text_all = torch.cat([img_m, q_img]), torch.cat([txt_m, q_txt])
+        ids_all = torch.cat([ids, q_ids])
+    loss = itc_loss(img.embed, txt.embed, ids, temp, image_feat_all=image_all,
+                    text_feat_all=text_all, ids_all=ids_all, alpha=cfg.itc_alpha)
+    model.queue.enqueue(img_m, txt_m, ids)  # after the loss: a batch is never its own queue
+    return loss
+
+
+def _itm_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, ids: Tensor, temp: Tensor,
+              generator: torch.Generator | None) -> Tensor:
+    """ITM on B positive pairs and up to 2B hard negatives drawn by ITC similarity (§2, ITM)."""
+    fused_pos = model.fuse(txt.hidden, txt.mask, img.fusion)
+    with torch.no_grad():
+        sim = img.embed @ txt.embed.t() / temp
+        neg_text, neg_image = itm_hard_negatives(sim, ids, generator=generator)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    ok_i, ok_t = neg_text >= 0, neg_image >= 0  # rows without another image id are skipped
+    text_idx = torch.cat([neg_text[ok_i], rows[ok_t]])  # image i + its hard text; text t + ...
+    image_idx = torch.cat([rows[ok_i], neg_image[ok_t]])  # ... its hard image
+    logits_pos = model.itm_logits(fused_pos)
+    if text_idx.numel() == 0:
+        return itm_loss(logits_pos, logits_pos[:0])
+    fused_neg = model.fuse(txt.hidden[text_idx], txt.mask[text_idx], img.fusion[image_idx])
+    return itm_loss(logits_pos, model.itm_logits(fused_neg))
+
+
+def _mlm_term(model: CMPAGL, img: ImageFeatures, tok: dict, cfg: LossConfig,
+              generator: torch.Generator | None) -> Tensor:
+    """MLM: masked captions through both halves of BERT, conditioned on the image (§2, MLM)."""
+    masked, labels = mask_tokens(tok["input_ids"], tok["attention_mask"], model.tokenizer,
+                                 prob=cfg.mlm_prob, generator=generator)
+    hidden = model.text_encoder(masked, tok["attention_mask"])
+    fused = model.fuse(hidden, tok["attention_mask"], img.fusion)
+    picked = labels != -100  # the vocabulary projection only where there is something to predict
+    logits = model.mlm_logits(fused[picked])  # [M, V]
+    return mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0))
+
+
+def compute_losses(
+    model: CMPAGL,
+    images: Tensor,
+    captions: Sequence[str],
+    image_ids: Tensor,
+    cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One training batch -> ``(total loss, logs)``.
+
+    Args:
+        images: [B, 3, H, W] normalised images.
+        captions: B caption strings, caption b describing image b.
+        image_ids: [B] image ids (pairs of the same image are positives of each other).
+        cfg: loss weights and parameters; terms with weight 0 are skipped entirely.
+        generator: torch RNG for the ITM negatives and MLM masking (reproducible runs).
+
+    Returns:
+        The weighted total (with gradient) and floats of each term, ``total`` and ``temp``.
+    """
+    active = active_terms(cfg)
+    ids = image_ids.to(images.device)
+    tok = model.tokenize(captions, images.device)
+    img = model.encode_image(images)
+    txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+    temp = model.temperature()
+    terms: dict[str, Tensor] = {}
+    if "itc" in active:
+        terms["itc"] = _itc_term(model, img, txt, images, tok, ids, temp, cfg)
+    if "tri" in active:
+        terms["tri"] = optimized_triplet_loss(
+            img.embed, txt.embed, ids, margin=cfg.triplet_margin,
+            reduction=cfg.triplet_reduction, lambda_intra=cfg.lambda_intra)
+    if "itm" in active:
+        terms["itm"] = _itm_term(model, img, txt, ids, temp, generator)
+    if "mlm" in active:
+        terms["mlm"] = _mlm_term(model, img, tok, cfg, generator)
+    total, logs = combine_losses(terms, cfg)
+    logs["temp"] = float(temp.detach())
+    return total, logs
