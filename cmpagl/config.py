@@ -218,6 +218,60 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation and checkpointing (METHOD.md §3; the paper gives no hyper-parameters)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    # AdamW learning rates: pretrained weights (BERT, ImageNet Swin) and new parameters.
+    lr_pretrained: float = 5e-5
+    lr_new: float = 5e-4
+    weight_decay: float = 0.02
+    # Linear warm-up steps, then cosine decay to lr·min_lr_ratio at the last step.
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    # Gradient clipping by global norm (0: off).
+    grad_clip: float = 5.0
+    # Mixed precision (bfloat16/float16 autocast) on CUDA only; ignored on the CPU.
+    amp: bool = True
+    # "auto": CUDA when available, else CPU.
+    device: str = "auto"
+    # Validation (ITC-only mR on the val split) every this many epochs; the best checkpoint is
+    # chosen on it (never on test).
+    eval_every: int = 1
+    # Steps between JSONL log lines.
+    log_every: int = 10
+    # Stop after this many optimizer steps (0: no limit); for smoke tests and budgets.
+    max_steps: int = 0
+    # Write a resumable checkpoint every this many steps within an epoch (0: only at epoch end).
+    checkpoint_every: int = 0
+    # Threads for the CPU (0: torch's default).
+    num_threads: int = 0
+
+
+@dataclass
+class RetrievalConfig:
+    """Retrieval, ITM re-scoring and re-ranking (METHOD.md §3)."""
+
+    # Batch size for embedding images/captions and for ITM re-scoring.
+    batch_size: int = 64
+    # Candidates per query re-scored by the ITM head (S_raw = S_itc + p_match on them).
+    itm_k: int = 16
+    # SMR: W_map = row-softmax(S/τ_s) ⊙ column-softmax(S/τ_s) on each query's top-k, scaled per
+    # query to [0, 1]; S_opt = S_raw + λ·W_map. Chosen on the validation split by grid search.
+    smr_tau: float = 0.05
+    smr_k: int = 10
+    smr_lambda: float = 0.1
+    smr_grid_tau: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    smr_grid_k: tuple[int, ...] = (5, 10, 20)
+    smr_grid_lambda: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
+    # Dual softmax baseline temperature.
+    dual_softmax_tau: float = 0.01
+    # GaLR multivariate re-rank (Yuan et al. 2022): neighbourhood size and weights.
+    galr_k: int = 10
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: the root of every YAML file under ``configs/``."""
 
@@ -230,6 +284,8 @@ class ExperimentConfig:
     # The model (§1) and the losses (§2).
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,428 @@
+"""Re-ranking (METHOD §3): ITM top-k re-scoring, SMR and the baselines against naive per-query
+loops, their invariants, a constructed hub case SMR must fix, and the validation grid search."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmpagl import rerank as rr
+from cmpagl.config import ModelConfig
+from cmpagl.metrics import evaluate_retrieval
+from cmpagl.models.cmpagl import build_model
+from cmpagl.retrieval import SplitEmbeddings
+
+CAPTIONS = [
+    "three white planes are parked beside the runway",
+    "an airport with two planes",
+    "a dense residential area with many houses",
+    "a green meadow",
+    "two ships are docked in the harbour",
+    "a green meadow",  # the exact same string as caption 3, of another image
+    "a red car on the road",
+    "many trees surround a small lake",
+    "a bridge crosses the river",
+]
+TXT2IMG = np.array([0, 0, 1, 2, 3, 4, 4, 5, 5])
+
+
+def random_scores(n_img=6, n_txt=9, seed=0) -> torch.Tensor:
+    """Tie-free scores (continuous random values)."""
+    return torch.rand(n_img, n_txt, generator=torch.Generator().manual_seed(seed)).double()
+
+
+def order(values) -> list[int]:
+    """Candidates by decreasing value (inputs here are tie-free)."""
+    return sorted(range(len(values)), key=lambda c: -float(values[c]))
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny model and embeddings of a tiny split
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=32, queue_size=16)
+    cfg.gswin = dataclasses.replace(
+        cfg.gswin, img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4)
+    )
+    model = build_model(cfg, use_momentum=False)
+    with torch.no_grad():  # a sharper ITM head: p_match spread over (0, 1) re-orders candidates
+        model.itm_head.weight.mul_(30.0)
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def tiny_emb(tiny_model) -> SplitEmbeddings:
+    model = tiny_model
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(
+            torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        )
+        tok = model.tokenize(CAPTIONS)
+        txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+    model.train()
+    return SplitEmbeddings(
+        img.embed, txt.embed, img.fusion, txt.hidden, txt.mask, TXT2IMG, list(CAPTIONS)
+    )
+
+
+def naive_p_match(model, emb, i, j) -> float:
+    model.eval()
+    with torch.no_grad():
+        fused = model.fuse(
+            emb.text_hidden[j : j + 1], emb.text_mask[j : j + 1], emb.image_fusion[i : i + 1]
+        )
+        return float(model.itm_logits(fused).softmax(-1)[0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def test_topk_mask_keeps_ties_at_the_boundary():
+    s = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    assert rr.topk_mask(s, 2, dim=1).tolist() == [
+        [True, True, True, False],
+        [False, False, True, True],
+    ]
+    assert rr.topk_mask(s, 1, dim=0).tolist() == [
+        [True, True, True, False],
+        [False, False, False, True],
+    ]
+    assert rr.topk_mask(s, 10, dim=1).all()
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        rr.topk_mask(s, 0, dim=1)
+
+
+def test_competition_rank_against_naive():
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0], [0.0, 0.0, 5.0, -1.0]])
+    naive = [[sum(v > u for v in row) for u in row] for row in x.tolist()]
+    assert rr.competition_rank(x, dim=1).tolist() == naive
+    assert rr.competition_rank(x.T, dim=0).T.tolist() == naive
+
+
+def test_as_ranking_checks_the_pair():
+    s = random_scores()
+    pair = rr.as_ranking(s)
+    assert pair.i2t is pair.t2i and pair.i2t.dtype == torch.float64
+    with pytest.raises(ValueError, match="differ in shape"):
+        rr.as_ranking((s, s[:, :3]))
+    with pytest.raises(ValueError, match=r"\[N_img, N_txt\]"):
+        rr.as_ranking(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------
+# ITM re-scoring
+# --------------------------------------------------------------------------------------------
+def naive_itm_lists(model, emb, s, k):
+    """Per query, the expected list: its top-k by S_itc + p_match, then the rest by S_itc."""
+    n_img, n_txt = s.shape
+    lists = {"i2t": [], "t2i": []}
+    values, cache = {}, {}
+
+    def p_match(i, j):
+        if (i, j) not in cache:
+            cache[i, j] = naive_p_match(model, emb, i, j)
+        return cache[i, j]
+
+    for direction, n_q in (("i2t", n_img), ("t2i", n_txt)):
+        for q in range(n_q):
+            row = s[q] if direction == "i2t" else s[:, q]
+            cand = order(row)[:k]
+            pair = (lambda c, q=q: (q, c)) if direction == "i2t" else (lambda c, q=q: (c, q))
+            new = {c: float(row[c]) + p_match(*pair(c)) for c in cand}
+            values.update({(direction, *pair(c)): v for c, v in new.items()})
+            rest = [c for c in order(row) if c not in new]
+            lists[direction].append(sorted(new, key=lambda c: -new[c]) + rest)
+    return lists, values
+
+
+def test_itm_rescore_matches_a_naive_loop(tiny_model, tiny_emb):
+    s, k = random_scores(), 2
+    tiny_model.train()
+    out = rr.itm_rescore(tiny_model, tiny_emb, s, k, batch_size=4)
+    assert tiny_model.training  # evaluated in eval mode, the mode is restored
+    lists, values = naive_itm_lists(tiny_model, tiny_emb, s, k)
+    for i, expected in enumerate(lists["i2t"]):
+        assert order(out.scores.i2t[i]) == expected
+    for j, expected in enumerate(lists["t2i"]):
+        assert order(out.scores.t2i[:, j]) == expected
+    for (direction, i, j), v in values.items():
+        assert getattr(out.scores, direction)[i, j].item() == pytest.approx(v, abs=1e-5)
+    # the p_match changed the order somewhere, otherwise this test would prove little
+    assert any(lst[:k] != order(s[i])[:k] for i, lst in enumerate(lists["i2t"]))
+
+
+def test_itm_rescore_counts_pairs_once_per_caption_text(tiny_model, tiny_emb):
+    s = random_scores()
+    out = rr.itm_rescore(tiny_model, tiny_emb, s, 2, batch_size=100)
+    union = out.candidates.i2t | out.candidates.t2i
+    pairs = union.nonzero().tolist()
+    assert out.n_pairs == len(pairs)
+    assert out.n_evals == len({(i, CAPTIONS[j]) for i, j in pairs})
+    assert (out.p_match > 0).eq(union).all()
+    # identical strings share one ITM pass, so duplicate columns get the same p_match
+    both = union[:, 3] & union[:, 5]
+    assert both.any()
+    assert torch.equal(out.p_match[both, 3], out.p_match[both, 5])
+    # batch size does not change the result
+    small = rr.itm_rescore(tiny_model, tiny_emb, s, 2, batch_size=7)
+    assert torch.allclose(small.scores.i2t, out.scores.i2t, atol=1e-6)
+
+
+def test_itm_rescore_needs_fusion_inputs(tiny_model, tiny_emb):
+    emb = dataclasses.replace(tiny_emb, image_fusion=torch.empty(0))
+    with pytest.raises(ValueError, match="keep_fusion=True"):
+        rr.itm_rescore(tiny_model, emb, random_scores(), 3)
+    with pytest.raises(ValueError, match="s_itc is"):
+        rr.itm_rescore(tiny_model, tiny_emb, random_scores(5, 9), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# SMR
+# --------------------------------------------------------------------------------------------
+def naive_smr(i2t, t2i, tau, k, lam):
+    """METHOD §3 formulas with explicit loops over queries (math.exp, Python floats)."""
+    a, b = i2t.tolist(), t2i.tolist()
+    n_img, n_txt = len(a), len(a[0])
+    p_row = [
+        [math.exp(a[i][j] / tau) / sum(math.exp(v / tau) for v in a[i]) for j in range(n_txt)]
+        for i in range(n_img)
+    ]
+    col = [[b[i][j] for i in range(n_img)] for j in range(n_txt)]
+    p_col = [
+        [math.exp(b[i][j] / tau) / sum(math.exp(v / tau) for v in col[j]) for j in range(n_txt)]
+        for i in range(n_img)
+    ]
+    w = [[p_row[i][j] * p_col[i][j] for j in range(n_txt)] for i in range(n_img)]
+    out_i2t, out_t2i = [r[:] for r in a], [r[:] for r in b]
+    for i in range(n_img):
+        top = order(a[i])[:k]
+        m = max(w[i][j] for j in top)
+        for j in top:
+            out_i2t[i][j] += lam * w[i][j] / m
+    for j in range(n_txt):
+        top = order(col[j])[:k]
+        m = max(w[i][j] for i in top)
+        for i in top:
+            out_t2i[i][j] += lam * w[i][j] / m
+    return torch.tensor(out_i2t, dtype=torch.float64), torch.tensor(out_t2i, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tau,k,lam", [(0.05, 3, 0.5), (0.2, 1, 2.0), (0.1, 20, 0.3)])
+def test_smr_matches_naive_loops(tau, k, lam):
+    s = random_scores(5, 8, seed=2)
+    out = rr.smr(s, tau, k, lam)
+    ref_i2t, ref_t2i = naive_smr(s, s, tau, k, lam)
+    assert torch.allclose(out.i2t, ref_i2t, atol=1e-12)
+    assert torch.allclose(out.t2i, ref_t2i, atol=1e-12)
+    # a pair (as after ITM) uses i2t's rows and t2i's columns
+    pair = (s, random_scores(5, 8, seed=3))
+    out = rr.smr(pair, tau, k, lam)
+    ref_i2t, ref_t2i = naive_smr(*pair, tau, k, lam)
+    assert torch.allclose(out.i2t, ref_i2t, atol=1e-12)
+    assert torch.allclose(out.t2i, ref_t2i, atol=1e-12)
+
+
+def test_smr_lambda_zero_is_the_identity():
+    s = random_scores().float()
+    out = rr.smr(s, 0.05, 3, 0.0)
+    assert torch.equal(out.i2t, s.double()) and torch.equal(out.t2i, s.double())
+
+
+def test_smr_weights_lie_in_unit_interval_on_the_topk_only():
+    s = random_scores(7, 11)
+    w = rr.smr_weights(s, 0.01, 4)
+    for m, dim in ((w.i2t, 1), (w.t2i, 0)):
+        assert ((m > 0) == rr.topk_mask(s, 4, dim)).all()
+        assert m.max() <= 1.0 and torch.allclose(
+            m.amax(dim), torch.ones(m.shape[1 - dim], dtype=m.dtype)
+        )
+
+
+def test_smr_invariances():
+    s, tau, k, lam = random_scores(6, 10, seed=4), 0.05, 4, 0.7
+    ref = rr.smr(s, tau, k, lam)
+    # a constant shift: softmaxes and top-k sets are unchanged, S_opt shifts by the constant
+    shifted = rr.smr(s + 3.0, tau, k, lam)
+    assert torch.allclose(shifted.i2t, ref.i2t + 3.0) and torch.allclose(shifted.t2i, ref.t2i + 3.0)
+    # a common scale of S_raw, τ_s and λ scales S_opt
+    scaled = rr.smr(2.5 * s, 2.5 * tau, k, 2.5 * lam)
+    assert torch.allclose(scaled.i2t, 2.5 * ref.i2t) and torch.allclose(scaled.t2i, 2.5 * ref.t2i)
+    # swapping the modalities swaps the directions
+    swapped = rr.smr(s.T, tau, k, lam)
+    assert torch.allclose(swapped.i2t, ref.t2i.T) and torch.allclose(swapped.t2i, ref.i2t.T)
+    # relabelling images and captions relabels S_opt
+    pi, pt = torch.randperm(6), torch.randperm(10)
+    perm = rr.smr(s[pi][:, pt], tau, k, lam)
+    assert torch.allclose(perm.i2t, ref.i2t[pi][:, pt])
+    # NOT invariant: a per-row shift leaves the row softmax alone but changes the column one
+    row_shift = rr.smr(s + torch.arange(6.0)[:, None], tau, k, lam)
+    assert not torch.allclose(row_shift.i2t - torch.arange(6.0)[:, None].double(), ref.i2t)
+
+
+def test_smr_only_reorders_each_querys_topk():
+    s, k = random_scores(6, 10, seed=5), 3
+    out = rr.smr(s, 0.02, k, 5.0)
+    for m, dim in ((out.i2t, 1), (out.t2i, 0)):
+        top = rr.topk_mask(s, k, dim)
+        assert torch.equal(rr.topk_mask(m, k, dim), top)  # the same top-k set
+        assert torch.equal(m[~top], s[~top])  # everything below it untouched
+
+
+def test_smr_keeps_identical_captions_tied():
+    s = random_scores(5, 8, seed=6)
+    s[:, 5] = s[:, 2]
+    for out in (rr.smr(s, 0.05, 3, 1.0), rr.galr_rerank(s, 3), rr.dual_softmax(s)):
+        assert torch.equal(out.i2t[:, 5], out.i2t[:, 2])
+        assert torch.equal(out.t2i[:, 5], out.t2i[:, 2])
+
+
+def hub_case():
+    """5 images with one caption each (caption i of image i) and a hub caption (of image 4)
+    that is every image's top-1. Image 0 and caption 0 are each other's best match otherwise."""
+    s = torch.full((5, 6), 0.1, dtype=torch.float64)
+    s += torch.rand(5, 6, generator=torch.Generator().manual_seed(0)).double() * 0.01
+    s[torch.arange(5), torch.arange(5)] = 0.8
+    s[:, 5] = 0.85
+    s[4, 5] = 0.86  # the hub caption does find its own image
+    return s, np.array([0, 1, 2, 3, 4, 4])
+
+
+def test_smr_fixes_a_mutual_best_match_buried_by_a_hub():
+    s, txt2img = hub_case()
+    assert s[0].argmax() == 5  # before: image 0 retrieves the hub caption of image 4
+    before = rr.evaluate_ranking(s, txt2img)
+    out = rr.smr(s, 0.05, 2, 0.5)
+    assert out.i2t[0].argmax() == 0  # after: its own caption
+    after = rr.evaluate_ranking(out, txt2img)
+    assert before["txt_r1"] == 20.0 and after["txt_r1"] == 100.0
+    assert after["img_r1"] == before["img_r1"] == 100.0  # captions already found their image
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------
+def test_dual_and_inverted_softmax_match_naive_loops():
+    s, tau = random_scores(4, 7, seed=7), 0.1
+    a = s.tolist()
+    n_img, n_txt = s.shape
+    col_sum = [sum(math.exp(a[i][j] / tau) for i in range(n_img)) for j in range(n_txt)]
+    row_sum = [sum(math.exp(v / tau) for v in a[i]) for i in range(n_img)]
+    dual, inv = rr.dual_softmax(s, tau), rr.inverted_softmax(s, tau)
+    for i in range(n_img):
+        for j in range(n_txt):
+            e = math.exp(a[i][j] / tau)
+            assert dual.i2t[i, j].item() == pytest.approx(a[i][j] * e / col_sum[j], rel=1e-12)
+            assert dual.t2i[i, j].item() == pytest.approx(a[i][j] * e / row_sum[i], rel=1e-12)
+            assert inv.i2t[i, j].item() == pytest.approx(math.log(e / col_sum[j]), rel=1e-12)
+            assert inv.t2i[i, j].item() == pytest.approx(math.log(e / row_sum[i]), rel=1e-12)
+
+
+def naive_galr_i2t(sim, k, wp1, wp2):
+    """GaLR's i2t_rerank_optim as described: loops, argsort positions (tie-free input)."""
+    n_q, n_c = sim.shape
+    new = {}
+    for q in range(n_q):
+        cand = list(np.argsort(-sim[q])[:k])
+        back = {c: int(np.where(np.argsort(-sim[:, c]) == q)[0][0]) for c in cand}
+        for f, c in enumerate(cand):
+            new[q, c] = wp1 * sim[q, c] / sim[:, c].sum() + math.exp(-0.05 * (f + 1))
+        for r, c in enumerate(sorted(cand, key=lambda c: back[c])):
+            new[q, c] += wp2 * math.exp(-0.05 * (r + 1))
+    return new
+
+
+def test_galr_matches_a_naive_loop():
+    s, k, wp1, wp2 = random_scores(6, 9, seed=8), 4, 0.3, 1.1
+    out = rr.galr_rerank(s, k, wp1, wp2)
+    for direction, m, sim in (("i2t", out.i2t, s.numpy()), ("t2i", out.t2i.T, s.T.numpy())):
+        ref = naive_galr_i2t(sim, k, wp1, wp2)
+        for q in range(sim.shape[0]):
+            cand = list(np.argsort(-sim[q])[:k])
+            for c in cand:
+                assert m[q, c].item() == pytest.approx(ref[q, c], rel=1e-12), direction
+            # candidates by their new score, then the rest in S order
+            rest = [c for c in np.argsort(-sim[q]) if c not in cand]
+            assert order(m[q]) == sorted(cand, key=lambda c: -ref[q, c]) + rest
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics of a pair and the grid search
+# --------------------------------------------------------------------------------------------
+def test_evaluate_ranking_takes_each_direction_from_its_matrix():
+    a, b = random_scores(seed=9), random_scores(seed=10)
+    assert rr.evaluate_ranking(a, TXT2IMG, CAPTIONS) == evaluate_retrieval(a, TXT2IMG, CAPTIONS)
+    ma, mb = evaluate_retrieval(a, TXT2IMG, CAPTIONS), evaluate_retrieval(b, TXT2IMG, CAPTIONS)
+    pair = rr.evaluate_ranking((a, b), TXT2IMG, CAPTIONS)
+    assert pair.keys() == ma.keys()
+    for key, value in pair.items():
+        if "txt_r" in key:
+            assert value == ma[key]
+        elif "img_r" in key:
+            assert value == mb[key]
+    for p, s in (("", ""), ("", "_pess"), ("dup_", "")):
+        six = [pair[f"{p}{d}_r{k}{s}"] for d in ("txt", "img") for k in (1, 5, 10)]
+        assert pair[f"{p}r_mean{s}"] == pytest.approx(sum(six) / 6, abs=1e-12)
+
+
+def test_grid_search_picks_the_best_val_r_mean():
+    s, txt2img = hub_case()
+    grid = dict(grid_tau=(0.05, 0.5), grid_k=(1, 2), grid_lambda=(0.01, 0.5))
+    best, table = rr.grid_search_smr(s, txt2img, **grid)
+    assert len(table) == 2 * 2 * 3  # λ = 0 added to every (τ_s, k)
+    brute = {
+        (t, k, lam): rr.evaluate_ranking(rr.smr(s, t, k, lam), txt2img)["r_mean"]
+        for t in (0.05, 0.5)
+        for k in (1, 2)
+        for lam in (0.0, 0.01, 0.5)
+    }
+    for row in table:
+        assert row["r_mean"] == pytest.approx(brute[row["tau_s"], row["k"], row["lam"]], abs=1e-9)
+    assert best.lam > 0
+    assert brute[tuple(best)] == max(brute.values())
+
+
+def test_grid_search_keeps_lambda_zero_unless_smr_strictly_helps():
+    s = torch.eye(4, dtype=torch.float64) + 0.01 * random_scores(4, 4)  # already perfect
+    best, table = rr.grid_search_smr(
+        s, np.arange(4), grid_tau=(0.1,), grid_k=(2,), grid_lambda=(0.5,)
+    )
+    assert best == rr.SmrParams(0.1, 2, 0.0)
+    assert [row["lam"] for row in table] == [0.0, 0.5]
+
+
+def test_grid_search_rejects_bad_grids():
+    s, txt2img = hub_case()
+    with pytest.raises(ValueError, match="at least one value"):
+        rr.grid_search_smr(s, txt2img, grid_tau=())
+    with pytest.raises(ValueError, match="tau_s must be a positive"):
+        rr.grid_search_smr(s, txt2img, grid_tau=(0.0,))
+    with pytest.raises(ValueError, match=">= 0"):
+        rr.grid_search_smr(s, txt2img, grid_lambda=(-1.0,))
+    with pytest.raises(ValueError, match="needs captions_val"):
+        rr.grid_search_smr(s, txt2img, criterion="dup_r_mean")
+
+
+def test_smr_rejects_bad_parameters():
+    s = random_scores()
+    with pytest.raises(ValueError, match="tau_s"):
+        rr.smr(s, -0.1, 3, 0.5)
+    with pytest.raises(ValueError, match="lam"):
+        rr.smr(s, 0.1, 3, -0.5)
+    with pytest.raises(ValueError, match="k must be"):
+        rr.smr(s, 0.1, 0, 0.5)
+
+
+def test_reranking_does_not_modify_its_input(tiny_model, tiny_emb):
+    s = random_scores()
+    keep = copy.deepcopy(s)
+    rr.smr(s, 0.05, 3, 0.5), rr.galr_rerank(s), rr.dual_softmax(s)
+    rr.itm_rescore(tiny_model, tiny_emb, s, 2)
+    assert torch.equal(s, keep)
