@@ -44,13 +44,17 @@ def main() -> None:
     cfg = ModelConfig()
     model = build_model(cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"tiny preset ({cfg.gswin.img_size} px), {cfg.text.name}; "
-          f"{n_train / 1e6:.1f} M trainable parameters; batch {args.batch}")
-    rows = [("all four losses", LossConfig()),
-            ("ITC + triplet only", LossConfig(w_itm=0.0, w_mlm=0.0)),
-            ("ITC + triplet + ITM", LossConfig(w_mlm=0.0)),
-            ("ITC + triplet + MLM", LossConfig(w_itm=0.0))]
+    print(
+        f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"tiny preset ({cfg.gswin.img_size} px), {cfg.text.name}; "
+        f"{n_train / 1e6:.1f} M trainable parameters; batch {args.batch}"
+    )
+    rows = [
+        ("all four losses", LossConfig()),
+        ("ITC + triplet only", LossConfig(w_itm=0.0, w_mlm=0.0)),
+        ("ITC + triplet + ITM", LossConfig(w_mlm=0.0)),
+        ("ITC + triplet + MLM", LossConfig(w_itm=0.0)),
+    ]
     for name, loss_cfg in rows:
         t = step_time(model, loss_cfg, args.batch, cfg.gswin.img_size, args.repeats)
         print(f"{name:<22} forward+backward {t:6.3f} s  ({args.batch / t:5.1f} samples/s)")

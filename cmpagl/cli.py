@@ -1,5 +1,8 @@
 """The ``cmpagl`` command line.
 
+``cmpagl train --config X.yaml [--set a.b=v ...] [--resume DIR]``    train (METHOD §2-§4)
+``cmpagl evaluate --checkpoint DIR [--split test] [--rerank smr]``   metrics + result file
+``cmpagl retrieve --checkpoint DIR --text "..." | --image PATH``      ranked results
 ``cmpagl data stats PATH``       counts, caption statistics, repeated captions, cross-split images
 ``cmpagl data check PATH``       validate annotations and every image file
 ``cmpagl data synthetic OUT``    write the embedded synthetic dataset
@@ -12,23 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="dataset folder (Karpathy dataset.json or precomp *_caps.txt)")
     p.add_argument("--format", choices=["auto", "karpathy", "precomp"], default="auto")
     p.add_argument("--image-dir", help="image folder, if not PATH/images")
-    p.add_argument("--empty-captions", choices=["error", "drop"], default="error",
-                   help="what to do with empty caption lines (RSITMD's train file has 20)")
+    p.add_argument(
+        "--empty-captions",
+        choices=["error", "drop"],
+        default="error",
+        help="what to do with empty caption lines (RSITMD's train file has 20)",
+    )
 
 
 def _load(args: argparse.Namespace):
     from cmpagl.data import load_dataset
 
-    return load_dataset(args.path, format=args.format, image_dir=args.image_dir,
-                        empty_captions=args.empty_captions)
+    return load_dataset(
+        args.path, format=args.format, image_dir=args.image_dir, empty_captions=args.empty_captions
+    )
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -48,31 +58,200 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     ds = _load(args)
     check_images(ds, decode=not args.no_decode)
-    print(f"ok: {ds!r}; all {ds.num_images} image files present"
-          + ("" if args.no_decode else " and readable"))
+    print(
+        f"ok: {ds!r}; all {ds.num_images} image files present"
+        + ("" if args.no_decode else " and readable")
+    )
     return 0
 
 
 def cmd_data_synthetic(args: argparse.Namespace) -> int:
     from cmpagl.data.synthetic import generate_synthetic_dataset
 
-    out = generate_synthetic_dataset(args.out, n_train=args.n_train, n_val=args.n_val,
-                                     n_test=args.n_test, image_size=args.image_size,
-                                     seed=args.seed, overwrite=args.overwrite)
+    out = generate_synthetic_dataset(
+        args.out,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        image_size=args.image_size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     print(f"synthetic dataset in {out}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cmpagl.config import load_config
+    from cmpagl.train import train
+
+    config = args.config
+    if config is None:
+        if args.resume is None:
+            raise _UsageError("give --config FILE (or --resume DIR to continue a run)")
+        config = str(Path(args.resume) / "config.yaml")
+    cfg = load_config(config, overrides=args.set)
+    result = train(cfg, resume=args.resume, config_path=config)
+    if result.best_r_mean is not None:
+        print(
+            f"best val r_mean {result.best_r_mean:.2f} at epoch {result.best_epoch}; "
+            f"checkpoint {result.best_checkpoint}"
+        )
+    print(
+        f"{result.steps} steps in {result.wall_time_s:.0f} s "
+        f"({result.samples_per_s:.1f} samples/s); log {result.log_path}"
+    )
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace):
+    import torch
+
+    from cmpagl.checkpoint import load_checkpoint
+    from cmpagl.config import apply_overrides, from_dict, to_dict
+
+    model, cfg, _ = load_checkpoint(args.checkpoint, prefer="best")
+    if args.set:  # e.g. --set data.root=/elsewhere for a moved dataset
+        cfg = from_dict(type(cfg), apply_overrides(to_dict(cfg), args.set), "--set")
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    return model.to(device).eval(), cfg, device
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cmpagl.evaluate import DEFAULT_RERANKERS, RERANKERS, evaluate_model
+
+    rerank = [r for item in args.rerank for r in item.split(",") if r] or DEFAULT_RERANKERS
+    unknown = [r for r in rerank if r not in RERANKERS]
+    if unknown:
+        raise _UsageError(
+            f"unknown re-ranker(s) {', '.join(unknown)}; known: {', '.join(RERANKERS)}"
+        )
+    model, cfg, device = _load_for_eval(args)
+    result = evaluate_model(
+        model,
+        cfg,
+        split=args.split,
+        rerankers=rerank,
+        device=device,
+        checkpoint=str(args.checkpoint),
+        out_dir=args.out,
+        save_scores=not args.no_scores,
+    )
+    keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    print(f"{'re-ranker':<18}" + "".join(f"{k:>9}" for k in keys))
+    for name, metrics in result["metrics"].items():
+        print(f"{name:<18}" + "".join(f"{metrics[k]:>9.2f}" for k in keys))
+    oracle = result.get("oracle") or {}
+    if oracle:
+        print(
+            f"{'oracle bound':<18}"
+            + "".join(f"{oracle.get('oracle_' + k, float('nan')):>9.2f}" for k in keys)
+        )
+    print(f"results: {result['files']['results']}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from cmpagl.data.build import dataset_from_config, transforms_from_config
+    from cmpagl.data.validation import load_image
+    from cmpagl.retrieval import embed_split, search_by_image, search_by_text
+
+    if (args.text is None) == (args.image is None):
+        raise _UsageError("give exactly one of --text or --image")
+    model, cfg, device = _load_for_eval(args)
+    ds = dataset_from_config(cfg.data).split(args.split)
+    _, transform = transforms_from_config(cfg.data)
+    emb = embed_split(model, ds, transform, cfg.retrieval.batch_size, 0, device, keep_fusion=False)
+    if args.text is not None:
+        hits = search_by_text(model, emb, ds, args.text, args.top)
+        print(f"images of the {args.split} split for: {args.text!r}")
+    else:
+        image = transform(load_image(args.image)).to(device)
+        hits = search_by_image(model, emb, image, args.top)
+        print(f"captions of the {args.split} split for image {args.image}")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>3}. {hit.score:+.4f}  {hit.label}")
+    if args.gallery:
+        from cmpagl.viz import save_gallery
+
+        path = save_gallery(args.text or "", hits, ds, args.gallery, query_image=args.image)
+        print(f"gallery: {path}")
+    return 0
+
+
+class _UsageError(ValueError):
+    """A wrong combination of options (printed as one line, exit status 2)."""
+
+
+def _add_train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", help="experiment YAML (configs/*.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
+    p.add_argument("--resume", help="run folder to continue from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext in (
+        ("evaluate", "retrieval metrics of a checkpoint"),
+        ("retrieve", "rank images for a text, or captions for an image"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="a run folder (its best/ checkpoint) or a checkpoint folder",
+        )
+        p.add_argument("--split", default="test", choices=["train", "val", "test"])
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override the saved config, e.g. --set data.root=/new/place",
+        )
+        if name == "evaluate":
+            p.add_argument(
+                "--rerank",
+                action="append",
+                default=[],
+                help="re-rankers (repeatable or comma-separated): none, itm, smr, "
+                "itm+smr, dual_softmax, inverted_softmax, galr; default all",
+            )
+            p.add_argument("--out", help="folder for results_<split>.json (default: checkpoint)")
+            p.add_argument(
+                "--no-scores", action="store_true", help="do not save the similarity matrices"
+            )
+            p.set_defaults(func=cmd_evaluate)
+        else:
+            p.add_argument("--text", help="a caption to search images with")
+            p.add_argument("--image", help="an image file to search captions with")
+            p.add_argument("--top", type=int, default=5)
+            p.add_argument("--gallery", help="also write the results as a PNG here")
+            p.set_defaults(func=cmd_retrieve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmpagl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parsers(sub)
     data = sub.add_parser("data", help="inspect, check and generate datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     p = dsub.add_parser("stats", help="dataset statistics")
     _add_dataset_args(p)
-    p.add_argument("--images", action="store_true",
-                   help="also hash every image to find the same image in two splits")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="also hash every image to find the same image in two splits",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a report")
     p.set_defaults(func=cmd_data_stats)
 
@@ -95,12 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default: nothing fetched
+    from cmpagl.checkpoint import CheckpointError
     from cmpagl.config import ConfigError
     from cmpagl.data.dataset import DataError
+    from cmpagl.models.text import TextModelUnavailable
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileNotFoundError) as e:
+    except (
+        DataError,
+        ConfigError,
+        CheckpointError,
+        TextModelUnavailable,
+        FileNotFoundError,
+        _UsageError,
+    ) as e:
         print(f"cmpagl: error: {e}", file=sys.stderr)
         return 2
 

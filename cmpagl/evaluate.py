@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cmpagl.checkpoint import git_commit
 from cmpagl.config import ExperimentConfig, to_dict
 from cmpagl.data.build import dataset_from_config, transforms_from_config
 from cmpagl.metrics import i2t_ranks, oracle_upper_bound, t2i_ranks
 from cmpagl.models.cmpagl import CMPAGL
-from cmpagl.paths import REPO_ROOT
 from cmpagl.rerank import (
     ItmRescore,
     RankingScores,
@@ -81,17 +80,6 @@ def _timed(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
 # --------------------------------------------------------------------------------------------
 # Provenance: commit, software, hardware
 # --------------------------------------------------------------------------------------------
-def git_commit(root: str | os.PathLike[str] = REPO_ROOT) -> str | None:
-    """``git rev-parse HEAD`` of the checkout at ``root``, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
 def hardware_info(device: torch.device | str) -> dict[str, Any]:
     """Platform, CPU count, torch threads and, on CUDA, the GPU name."""
     device = torch.device(device)

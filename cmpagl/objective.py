@@ -26,8 +26,16 @@ from cmpagl.models.cmpagl import CMPAGL, ImageFeatures, TextFeatures
 from cmpagl.models.text import mask_tokens
 
 
-def _itc_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, images: Tensor,
-              tok: dict, ids: Tensor, temp: Tensor, cfg: LossConfig) -> Tensor:
+def _itc_term(
+    model: CMPAGL,
+    img: ImageFeatures,
+    txt: TextFeatures,
+    images: Tensor,
+    tok: dict,
+    ids: Tensor,
+    temp: Tensor,
+    cfg: LossConfig,
+) -> Tensor:
     """ITC against the momentum batch + queue (with distillation α), or in-batch without them."""
     if not model.use_momentum:
         if cfg.itc_alpha > 0:
@@ -39,14 +47,28 @@ def _itc_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, images: Tens
         q_img, q_txt, q_ids = model.queue.contents()
         image_all, text_all = torch.cat([img_m, q_img]), torch.cat([txt_m, q_txt])
         ids_all = torch.cat([ids, q_ids])
-    loss = itc_loss(img.embed, txt.embed, ids, temp, image_feat_all=image_all,
-                    text_feat_all=text_all, ids_all=ids_all, alpha=cfg.itc_alpha)
+    loss = itc_loss(
+        img.embed,
+        txt.embed,
+        ids,
+        temp,
+        image_feat_all=image_all,
+        text_feat_all=text_all,
+        ids_all=ids_all,
+        alpha=cfg.itc_alpha,
+    )
     model.queue.enqueue(img_m, txt_m, ids)  # after the loss: a batch is never its own queue
     return loss
 
 
-def _itm_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, ids: Tensor, temp: Tensor,
-              generator: torch.Generator | None) -> Tensor:
+def _itm_term(
+    model: CMPAGL,
+    img: ImageFeatures,
+    txt: TextFeatures,
+    ids: Tensor,
+    temp: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
     """ITM on B positive pairs and up to 2B hard negatives drawn by ITC similarity (§2, ITM)."""
     fused_pos = model.fuse(txt.hidden, txt.mask, img.fusion)
     with torch.no_grad():
@@ -63,11 +85,17 @@ def _itm_term(model: CMPAGL, img: ImageFeatures, txt: TextFeatures, ids: Tensor,
     return itm_loss(logits_pos, model.itm_logits(fused_neg))
 
 
-def _mlm_term(model: CMPAGL, img: ImageFeatures, tok: dict, cfg: LossConfig,
-              generator: torch.Generator | None) -> Tensor:
+def _mlm_term(
+    model: CMPAGL, img: ImageFeatures, tok: dict, cfg: LossConfig, generator: torch.Generator | None
+) -> Tensor:
     """MLM: masked captions through both halves of BERT, conditioned on the image (§2, MLM)."""
-    masked, labels = mask_tokens(tok["input_ids"], tok["attention_mask"], model.tokenizer,
-                                 prob=cfg.mlm_prob, generator=generator)
+    masked, labels = mask_tokens(
+        tok["input_ids"],
+        tok["attention_mask"],
+        model.tokenizer,
+        prob=cfg.mlm_prob,
+        generator=generator,
+    )
     hidden = model.text_encoder(masked, tok["attention_mask"])
     fused = model.fuse(hidden, tok["attention_mask"], img.fusion)
     picked = labels != -100  # the vocabulary projection only where there is something to predict
@@ -106,8 +134,13 @@ def compute_losses(
         terms["itc"] = _itc_term(model, img, txt, images, tok, ids, temp, cfg)
     if "tri" in active:
         terms["tri"] = optimized_triplet_loss(
-            img.embed, txt.embed, ids, margin=cfg.triplet_margin,
-            reduction=cfg.triplet_reduction, lambda_intra=cfg.lambda_intra)
+            img.embed,
+            txt.embed,
+            ids,
+            margin=cfg.triplet_margin,
+            reduction=cfg.triplet_reduction,
+            lambda_intra=cfg.lambda_intra,
+        )
     if "itm" in active:
         terms["itm"] = _itm_term(model, img, txt, ids, temp, generator)
     if "mlm" in active:

@@ -59,8 +59,9 @@ def embed_split(
     model.eval()
     try:
         img_embed, img_fusion = [], []
-        loader = make_loader(EvalImages(ds, transform), batch_size, shuffle=False,
-                             num_workers=num_workers)
+        loader = make_loader(
+            EvalImages(ds, transform), batch_size, shuffle=False, num_workers=num_workers
+        )
         for images, _ in loader:
             feats = model.encode_image(images.to(device))
             img_embed.append(feats.embed.float().cpu())
@@ -137,8 +138,9 @@ class Hit:
 
 
 @torch.no_grad()
-def search_by_text(model: CMPAGL, emb: SplitEmbeddings, ds: CaptionDataset, text: str,
-                   top: int = 5) -> list[Hit]:
+def search_by_text(
+    model: CMPAGL, emb: SplitEmbeddings, ds: CaptionDataset, text: str, top: int = 5
+) -> list[Hit]:
     """Rank the split's images for a free-text query by ITC similarity (text -> image)."""
     model.eval()
     tok = model.tokenize([text], emb.image_embed.device)
@@ -149,8 +151,7 @@ def search_by_text(model: CMPAGL, emb: SplitEmbeddings, ds: CaptionDataset, text
 
 
 @torch.no_grad()
-def search_by_image(model: CMPAGL, emb: SplitEmbeddings, image: Tensor, top: int = 5
-                    ) -> list[Hit]:
+def search_by_image(model: CMPAGL, emb: SplitEmbeddings, image: Tensor, top: int = 5) -> list[Hit]:
     """Rank the split's captions for an image ``[3, H, W]`` (image -> text); identical caption
     texts are listed once, with the best score."""
     model.eval()

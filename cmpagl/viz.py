@@ -8,8 +8,13 @@ from cmpagl.data.dataset import CaptionDataset
 from cmpagl.data.validation import load_image
 
 
-def save_gallery(query: str, hits: list, ds: CaptionDataset, path: str | Path,
-                 query_image: str | Path | None = None) -> Path:
+def save_gallery(
+    query: str,
+    hits: list,
+    ds: CaptionDataset,
+    path: str | Path,
+    query_image: str | Path | None = None,
+) -> Path:
     """A PNG with the query (text, or an image) and the ranked hits: images with their rank and
     score for a text query, captions for an image query."""
     import matplotlib
@@ -26,8 +31,9 @@ def save_gallery(query: str, hits: list, ds: CaptionDataset, path: str | Path,
             ax.axis("off")
         fig.suptitle(f"query: {query}", fontsize=10)
     else:  # image -> captions
-        fig, (ax_img, ax_txt) = plt.subplots(1, 2, figsize=(10, 3.6),
-                                             gridspec_kw={"width_ratios": [1, 2]})
+        fig, (ax_img, ax_txt) = plt.subplots(
+            1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]}
+        )
         ax_img.imshow(load_image(query_image))
         ax_img.set_title(Path(query_image).name, fontsize=9)
         ax_img.axis("off")

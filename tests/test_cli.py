@@ -26,20 +26,41 @@ def test_data_check_and_errors_are_one_line(tmp_path, annotations, capsys):
     assert main(["data", "check", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmpagl: error:") and "does not exist" in err and "\n" not in err
-    assert main(["data", "check", str(annotations / "ucm_precomp"), "--image-dir",
-                 str(tmp_path)]) == 2
+    assert (
+        main(["data", "check", str(annotations / "ucm_precomp"), "--image-dir", str(tmp_path)]) == 2
+    )
     assert "2100 of 2100 image files are missing" in capsys.readouterr().err
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "cmpagl.cli", "data", "stats", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cmpagl.cli", "data", "stats", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--images" in out and "precomp" in out
 
 
 def test_data_synthetic_command(tmp_path, capsys):
     out = tmp_path / "syn"
-    assert main(["data", "synthetic", str(out), "--n-train", "6", "--n-val", "2", "--n-test", "2",
-                 "--image-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                str(out),
+                "--n-train",
+                "6",
+                "--n-val",
+                "2",
+                "--n-test",
+                "2",
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert (out / "dataset.json").is_file()
     assert main(["data", "stats", str(out), "--images", "--json"]) == 0

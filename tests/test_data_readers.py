@@ -105,8 +105,11 @@ def write_karpathy(root: Path, images: list[dict]) -> Path:
 
 def toy_images(n: int = 4, caps: int = 3) -> list[dict]:
     return [
-        {"filename": f"{i}.png", "split": ["train", "val", "test", "train"][i % 4],
-         "sentences": [{"raw": f"image {i} caption {j}"} for j in range(caps)]}
+        {
+            "filename": f"{i}.png",
+            "split": ["train", "val", "test", "train"][i % 4],
+            "sentences": [{"raw": f"image {i} caption {j}"} for j in range(caps)],
+        }
         for i in range(n)
     ]
 
@@ -148,7 +151,10 @@ def test_corrupt_image_is_named(tmp_path):
     [
         (lambda im: im[2].update(split="holdout"), r"unknown split name 'holdout'"),
         (lambda im: im[3].update(filename="0.png"), r"1 duplicate image file names.*'0.png'"),
-        (lambda im: im[1]["sentences"][2].update(raw="  "), r"1 empty captions.*1.png \(caption 2\)"),
+        (
+            lambda im: im[1]["sentences"][2].update(raw="  "),
+            r"1 empty captions.*1.png \(caption 2\)",
+        ),
         (lambda im: im[0].update(sentences=[]), r"1 images have no caption.*'0.png'"),
         (lambda im: im[0].pop("split"), r"images\[0\] lacks split"),
     ],

@@ -29,7 +29,9 @@ def toy(tmp_path) -> CaptionDataset:
         Image.fromarray(arr).save(tmp_path / f"{i}.png")
         names.append(f"{i}.png")
         caps.append([f"img {i} cap {j}" for j in range(1 + i % 3)])
-    return CaptionDataset("toy", tmp_path, names, ["train"] * 6, caps, image_ids=[10 + i for i in range(6)])
+    return CaptionDataset(
+        "toy", tmp_path, names, ["train"] * 6, caps, image_ids=[10 + i for i in range(6)]
+    )
 
 
 def test_train_pairs_sample_own_captions(toy):
@@ -91,9 +93,16 @@ def test_loader_with_workers_is_reproducible(toy):
 
 
 def test_config_to_dataset_and_transforms(small_synthetic):
-    cfg = DataConfig(name="synthetic", root=str(small_synthetic), image_size=64,
-                     synthetic_n_train=40, synthetic_n_val=10, synthetic_n_test=10,
-                     synthetic_seed=3, captions_per_image=5)
+    cfg = DataConfig(
+        name="synthetic",
+        root=str(small_synthetic),
+        image_size=64,
+        synthetic_n_train=40,
+        synthetic_n_val=10,
+        synthetic_n_test=10,
+        synthetic_seed=3,
+        captions_per_image=5,
+    )
     ds = dataset_from_config(cfg)
     assert [ds.split(s).num_images for s in ("train", "val", "test")] == [40, 10, 10]
     train_t, eval_t = transforms_from_config(cfg)

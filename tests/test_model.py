@@ -29,8 +29,9 @@ IDS = torch.tensor([0, 0, 1, 2, 3, 4])  # image 0 appears twice, with two captio
 def base_model():
     torch.manual_seed(0)
     cfg = ModelConfig(queue_size=16)
-    cfg.gswin = dataclasses.replace(cfg.gswin, img_size=64, depths=(2, 2), num_heads=(2, 4),
-                                    embed_dim=32)
+    cfg.gswin = dataclasses.replace(
+        cfg.gswin, img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32
+    )
     return build_model(cfg)
 
 
@@ -45,8 +46,9 @@ def images(n=6, size=64):
 
 def run(model, cfg: LossConfig):
     model.zero_grad(set_to_none=True)
-    loss, logs = compute_losses(model, images(), CAPTIONS, IDS, cfg,
-                                generator=torch.Generator().manual_seed(0))
+    loss, logs = compute_losses(
+        model, images(), CAPTIONS, IDS, cfg, generator=torch.Generator().manual_seed(0)
+    )
     loss.backward()
     return logs
 
@@ -78,8 +80,11 @@ def test_full_loss_reaches_every_trainable_parameter(model):
 
 
 def test_weight_zero_removes_the_term_and_its_parameters(model):
-    fusion_only = {n for n, _ in model.named_parameters()
-                   if n.startswith(("fusion_encoder.", "image_to_text.", "itm_head.", "mlm_head."))}
+    fusion_only = {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("fusion_encoder.", "image_to_text.", "itm_head.", "mlm_head."))
+    }
     logs = run(model, LossConfig(w_itm=0.0, w_mlm=0.0))
     assert "itm" not in logs and "mlm" not in logs
     assert no_grad(model) == fusion_only

@@ -9,13 +9,17 @@ import pytest
 
 # Small parameters per notebook, so the suite stays fast on 2 CPU cores.
 SMALL = {
-    "01_data.ipynb": lambda tmp: {
+    "01_data.ipynb": lambda tmp, synthetic: {
         "synthetic_root": str(tmp / "synthetic"),
         "synthetic_n_train": 24,
         "synthetic_n_val": 8,
         "synthetic_n_test": 8,
         "synthetic_image_size": 64,
         "n_show": 4,
+    },
+    "02_gswin_and_model.ipynb": lambda tmp, synthetic: {
+        "synthetic_root": str(synthetic),
+        "batch_size": 4,
     },
 }
 
@@ -41,17 +45,22 @@ def test_notebooks_are_clean(repo_root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_notebook_executes(repo_root, tmp_path, name):
+def test_notebook_executes(repo_root, tmp_path, small_synthetic, name):
     import papermill as pm
 
     out = tmp_path / name
     pm.execute_notebook(
-        str(repo_root / "notebooks" / name), str(out), parameters=SMALL[name](tmp_path),
-        kernel_name="python3", cwd=str(repo_root / "notebooks"), progress_bar=False,
+        str(repo_root / "notebooks" / name),
+        str(out),
+        parameters=SMALL[name](tmp_path, small_synthetic),
+        kernel_name="python3",
+        cwd=str(repo_root / "notebooks"),
+        progress_bar=False,
     )
     nb = json.loads(out.read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors
-    images = [o for c in nb["cells"] for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert images, "the notebook drew no figure"

@@ -34,15 +34,20 @@ def test_caption_statistics_by_hand(tmp_path):
 
 def test_perceptual_hash_finds_reencoded_copy_across_splits(tmp_path):
     rng = np.random.default_rng(0)
-    imgs = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
-            for _ in range(4)]
+    imgs = [
+        rng.integers(0, 255, (8, 8, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+        for _ in range(4)
+    ]
     for i, a in enumerate(imgs):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
     # image 0 again, resized and saved as JPEG, in the test split
     Image.fromarray(imgs[0]).resize((100, 100)).save(tmp_path / "copy.jpg", quality=85)
     names = ["0.png", "1.png", "2.png", "3.png", "copy.jpg"]
     ds = CaptionDataset("t", tmp_path, names, ["train"] * 4 + ["test"], [["x"]] * 5)
-    assert bin(perceptual_hash(tmp_path / "0.png") ^ perceptual_hash(tmp_path / "copy.jpg")).count("1") <= 4
+    assert (
+        bin(perceptual_hash(tmp_path / "0.png") ^ perceptual_hash(tmp_path / "copy.jpg")).count("1")
+        <= 4
+    )
     pairs = cross_split_duplicates(ds)
     assert [(p["a"], p["b"]) for p in pairs] == [("0.png", "copy.jpg")]
     # in the same split it is not reported

@@ -17,15 +17,46 @@ from cmpagl.data import synthetic as sy
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10}
 COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 QUANTIFIERS = {"several": 3, "many": 5}  # the least count each may stand for
-ADJECTIVES = {"small", "large", "white", "gray", "red", "blue", "green", "yellow", "black",
-              "orange"}
+ADJECTIVES = {
+    "small",
+    "large",
+    "white",
+    "gray",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "orange",
+}
 # Written out here rather than taken from the module, so a wrong synonym table is caught.
-NOUN_KIND = {"plane": "plane", "planes": "plane", "airplane": "plane", "airplanes": "plane",
-             "aircraft": "plane", "ship": "ship", "ships": "ship", "boat": "ship",
-             "boats": "ship", "car": "car", "cars": "car", "vehicle": "car", "vehicles": "car",
-             "tank": "tank", "tanks": "tank", "house": "house", "houses": "house",
-             "building": "house", "buildings": "house", "tree": "tree", "trees": "tree",
-             "court": "court", "courts": "court", "pool": "pool", "pools": "pool"}
+NOUN_KIND = {
+    "plane": "plane",
+    "planes": "plane",
+    "airplane": "plane",
+    "airplanes": "plane",
+    "aircraft": "plane",
+    "ship": "ship",
+    "ships": "ship",
+    "boat": "ship",
+    "boats": "ship",
+    "car": "car",
+    "cars": "car",
+    "vehicle": "car",
+    "vehicles": "car",
+    "tank": "tank",
+    "tanks": "tank",
+    "house": "house",
+    "houses": "house",
+    "building": "house",
+    "buildings": "house",
+    "tree": "tree",
+    "trees": "tree",
+    "court": "court",
+    "courts": "court",
+    "pool": "pool",
+    "pools": "pool",
+}
 NOUN_MODIFIERS = {"storage", "oil", "tennis", "swimming"}
 
 
@@ -50,8 +81,9 @@ def _mentions(caption: str) -> list[tuple[str, int, list[str], bool]]:
             j += 1
         k = j + 1 if j < len(toks) and toks[j] in NOUN_MODIFIERS else j
         if k < len(toks) and toks[k] in NOUN_KIND:
-            out.append((tok, COUNTS.get(tok, QUANTIFIERS.get(tok)), toks[i + 1:j],
-                        NOUN_KIND[toks[k]]))
+            out.append(
+                (tok, COUNTS.get(tok, QUANTIFIERS.get(tok)), toks[i + 1 : j], NOUN_KIND[toks[k]])
+            )
     return out
 
 
@@ -71,8 +103,7 @@ def test_scene_classes() -> None:
         sy.sample_scene(np.random.default_rng(0), "volcano")
 
 
-def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path,
-                                                    small_dataset: Path) -> None:
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path, small_dataset: Path) -> None:
     again = sy.generate_synthetic_dataset(tmp_path / "again", **SMALL)
     assert (again / "dataset.json").read_bytes() == (small_dataset / "dataset.json").read_bytes()
     for name in ("00000.png", "00017.png", "00049.png"):
@@ -89,8 +120,15 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path,
 def test_karpathy_json_structure(small_dataset: Path) -> None:
     data = _load(small_dataset)
     assert data["dataset"] == "synthetic"
-    assert data["generator"] == {"name": "cmpagl.synthetic", "version": 1, "n_train": 30,
-                                 "n_val": 10, "n_test": 10, "seed": 0, "image_size": 128}
+    assert data["generator"] == {
+        "name": "cmpagl.synthetic",
+        "version": 1,
+        "n_train": 30,
+        "n_val": 10,
+        "n_test": 10,
+        "seed": 0,
+        "image_size": 128,
+    }
     images = data["images"]
     assert [im["split"] for im in images] == ["train"] * 30 + ["val"] * 10 + ["test"] * 10
     next_sentid = 0
@@ -146,8 +184,13 @@ def test_sampled_scenes_are_well_formed() -> None:
 
 
 def _region_holds(direction: str, xs: np.ndarray, ys: np.ndarray) -> bool:
-    checks = {"left": xs < 0.5, "right": xs > 0.5, "top": ys < 0.5, "bottom": ys > 0.5,
-              "center": (np.abs(xs - 0.5) < 0.2) & (np.abs(ys - 0.5) < 0.2)}
+    checks = {
+        "left": xs < 0.5,
+        "right": xs > 0.5,
+        "top": ys < 0.5,
+        "bottom": ys > 0.5,
+        "center": (np.abs(xs - 0.5) < 0.2) & (np.abs(ys - 0.5) < 0.2),
+    }
     return all(checks[word].all() for word in direction.split())
 
 
@@ -186,9 +229,18 @@ def test_caption_counts_colours_sizes_match_the_scene() -> None:
 
 
 def test_caption_position_words_are_true() -> None:
-    words = {"left": "left", "right": "right", "top": "top", "upper": "top", "above": "top",
-             "bottom": "bottom", "lower": "bottom", "below": "bottom", "middle": "center",
-             "center": "center"}
+    words = {
+        "left": "left",
+        "right": "right",
+        "top": "top",
+        "upper": "top",
+        "above": "top",
+        "bottom": "bottom",
+        "lower": "bottom",
+        "below": "bottom",
+        "middle": "center",
+        "center": "center",
+    }
     checked = 0
     for spec, captions in _random_specs(640, seed=3):
         for cap in captions:
@@ -243,7 +295,10 @@ def test_rerun_is_a_no_op_and_overwrite_regenerates(tmp_path: Path) -> None:
     sy.generate_synthetic_dataset(tmp_path / "d", **{**params, "n_train": 1})
     assert _load(root)["generator"]["n_train"] == 1
     assert sorted(p.name for p in (root / "images").iterdir()) == [
-        "00000.png", "00001.png", "00002.png"]
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
 
 
 def _mean_blue_minus_red(scene_class: str, n: int = 8) -> float:
@@ -270,8 +325,9 @@ def _red_fraction(arr: np.ndarray) -> np.ndarray:
 def test_objects_are_drawn_where_and_in_the_colour_the_spec_says(x: float) -> None:
     rng = np.random.default_rng(6)
     layout = {"transform": (0, 0, 0)}
-    group = sy.ObjectGroup("house", "red", "large", 3, "row", "left" if x < 0.5 else "right",
-                           True, (), ("located",))
+    group = sy.ObjectGroup(
+        "house", "red", "large", 3, "row", "left" if x < 0.5 else "right", True, (), ("located",)
+    )
     objects = [sy.SceneObject("house", "red", x, y, 0.0, 0.16, 0.12, 0) for y in (0.2, 0.5, 0.8)]
     spec = sy.SceneSpec("meadow", layout, [group], objects)
     red = _red_fraction(sy.render_scene(spec, 128, rng))

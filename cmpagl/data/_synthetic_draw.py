@@ -67,8 +67,14 @@ def coords(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(t[None, :], (size, size)), np.broadcast_to(t[:, None], (size, size))
 
 
-def texture(rng: np.random.Generator, size: int, rgb: Sequence[float], tone: float = 0.08,
-            grain: float = 5.0, cells: int = 5) -> np.ndarray:
+def texture(
+    rng: np.random.Generator,
+    size: int,
+    rgb: Sequence[float],
+    tone: float = 0.08,
+    grain: float = 5.0,
+    cells: int = 5,
+) -> np.ndarray:
     """Flat colour with slow tone variation (relative ``tone``) and pixel grain; [S, S, 3]."""
     slow = 1.0 + tone * smooth_noise(rng, size, cells)
     fine = grain * rng.standard_normal((size, size)).astype(np.float32)
@@ -127,8 +133,17 @@ def paved(rng: np.random.Generator, size: int, rgb: RGB) -> np.ndarray:
 
 def farmland(rng: np.random.Generator, size: int) -> np.ndarray:
     """Parcels of crops in varied colours, with row stripes inside each parcel. [S, S, 3]."""
-    palette = np.array([(118, 150, 70), (172, 160, 92), (142, 112, 80), (92, 128, 60),
-                        (192, 176, 120), (150, 160, 84)], np.float32)
+    palette = np.array(
+        [
+            (118, 150, 70),
+            (172, 160, 92),
+            (142, 112, 80),
+            (92, 128, 60),
+            (192, 176, 120),
+            (150, 160, 84),
+        ],
+        np.float32,
+    )
     x, y = coords(size)
     t = rng.uniform(0, math.pi)
     u = x * math.cos(t) + y * math.sin(t)  # across the parcels
@@ -162,8 +177,16 @@ _SHIP_HULL = ((0.5, 0), (0.3, 0.5), (-0.5, 0.5), (-0.5, -0.5), (0.3, -0.5))
 _RECT = ((0.5, 0.5), (-0.5, 0.5), (-0.5, -0.5), (0.5, -0.5))
 
 
-def _poly(local: Sequence[tuple[float, float]], sx: float, sy: float, x: float, y: float,
-          angle: float, ox: float = 0.0, oy: float = 0.0) -> list[tuple[float, float]]:
+def _poly(
+    local: Sequence[tuple[float, float]],
+    sx: float,
+    sy: float,
+    x: float,
+    y: float,
+    angle: float,
+    ox: float = 0.0,
+    oy: float = 0.0,
+) -> list[tuple[float, float]]:
     """Local points scaled by (sx, sy), shifted by (ox, oy), rotated by angle, moved to (x, y)."""
     c, s = math.cos(angle), math.sin(angle)
     pts = []
@@ -173,8 +196,9 @@ def _poly(local: Sequence[tuple[float, float]], sx: float, sy: float, x: float, 
     return pts
 
 
-def _rect(x: float, y: float, a: float, length: float, width: float, u0: float = 0.0,
-          v0: float = 0.0) -> list[tuple[float, float]]:
+def _rect(
+    x: float, y: float, a: float, length: float, width: float, u0: float = 0.0, v0: float = 0.0
+) -> list[tuple[float, float]]:
     return _poly(_RECT, length, width, x, y, a, u0, v0)
 
 
@@ -182,8 +206,9 @@ def _disc(x: float, y: float, r: float) -> list[tuple[float, float]]:
     return [(x - r, y - r), (x + r, y + r)]
 
 
-def object_parts(kind: str, x: float, y: float, angle: float, length: float, width: float,
-                 rgb: RGB) -> list[Part]:
+def object_parts(
+    kind: str, x: float, y: float, angle: float, length: float, width: float, rgb: RGB
+) -> list[Part]:
     """The parts of one object at pixel centre (x, y), axis ``angle``, size length × width px."""
     L, W, a = length, width, angle
     if kind == "plane":
@@ -191,47 +216,75 @@ def object_parts(kind: str, x: float, y: float, angle: float, length: float, wid
         return parts + [("poly", _poly(_PLANE[0], L, L, x, y, a), shade(rgb, 1.05), 0)]
     if kind == "ship":
         cabin = (235, 235, 230) if sum(rgb) < 600 else (120, 122, 128)
-        return [("poly", _poly(_SHIP_HULL, L, W, x, y, a), rgb, 0),
-                ("poly", _rect(x, y, a, 0.24 * L, 0.6 * W, -0.22 * L), cabin, 0)]
+        return [
+            ("poly", _poly(_SHIP_HULL, L, W, x, y, a), rgb, 0),
+            ("poly", _rect(x, y, a, 0.24 * L, 0.6 * W, -0.22 * L), cabin, 0),
+        ]
     if kind == "car":
         glass = (40, 44, 52) if sum(rgb) > 200 else (120, 130, 140)
-        return [("poly", _rect(x, y, a, L, W), rgb, 0),
-                ("poly", _rect(x, y, a, 0.16 * L, 0.8 * W, 0.2 * L), glass, 0),
-                ("poly", _rect(x, y, a, 0.12 * L, 0.8 * W, -0.32 * L), glass, 0)]
+        return [
+            ("poly", _rect(x, y, a, L, W), rgb, 0),
+            ("poly", _rect(x, y, a, 0.16 * L, 0.8 * W, 0.2 * L), glass, 0),
+            ("poly", _rect(x, y, a, 0.12 * L, 0.8 * W, -0.32 * L), glass, 0),
+        ]
     if kind == "tank":
         r = L / 2
-        return [("ellipse", _disc(x, y, r), shade(rgb, 0.75), 0),
-                ("ellipse", _disc(x, y, 0.88 * r), rgb, 0),
-                ("ellipse", _disc(x, y, 0.45 * r), shade(rgb, 0.9), 0)]
+        return [
+            ("ellipse", _disc(x, y, r), shade(rgb, 0.75), 0),
+            ("ellipse", _disc(x, y, 0.88 * r), rgb, 0),
+            ("ellipse", _disc(x, y, 0.45 * r), shade(rgb, 0.9), 0),
+        ]
     if kind == "house":
-        return [("poly", _rect(x, y, a, L, W / 2, 0, -W / 4), rgb, 0),
-                ("poly", _rect(x, y, a, L, W / 2, 0, W / 4), shade(rgb, 0.8), 0)]
+        return [
+            ("poly", _rect(x, y, a, L, W / 2, 0, -W / 4), rgb, 0),
+            ("poly", _rect(x, y, a, L, W / 2, 0, W / 4), shade(rgb, 0.8), 0),
+        ]
     if kind == "tree":
         r = L / 2
-        return [("ellipse", _disc(x, y, r), (30, 78, 34), 0),
-                ("ellipse", _disc(x - 0.2 * r, y - 0.2 * r, 0.55 * r), (58, 116, 50), 0)]
+        return [
+            ("ellipse", _disc(x, y, r), (30, 78, 34), 0),
+            ("ellipse", _disc(x - 0.2 * r, y - 0.2 * r, 0.55 * r), (58, 116, 50), 0),
+        ]
     if kind == "court":
         line = (240, 240, 240)
         lw = max(1, round(W / 40))
-        return [("poly", _rect(x, y, a, L, W), shade(rgb, 0.7), 0),
-                ("poly", _rect(x, y, a, 0.78 * L, 0.66 * W), rgb, 0),
-                ("line", _poly(((0, -0.33), (0, 0.33)), L, W, x, y, a), line, lw),
-                ("line", _poly(((-0.2, 0), (0.2, 0)), L, W, x, y, a), line, lw),
-                ("line", _poly(((-0.2, -0.33), (-0.2, 0.33)), L, W, x, y, a), line, lw),
-                ("line", _poly(((0.2, -0.33), (0.2, 0.33)), L, W, x, y, a), line, lw)]
+        return [
+            ("poly", _rect(x, y, a, L, W), shade(rgb, 0.7), 0),
+            ("poly", _rect(x, y, a, 0.78 * L, 0.66 * W), rgb, 0),
+            ("line", _poly(((0, -0.33), (0, 0.33)), L, W, x, y, a), line, lw),
+            ("line", _poly(((-0.2, 0), (0.2, 0)), L, W, x, y, a), line, lw),
+            ("line", _poly(((-0.2, -0.33), (-0.2, 0.33)), L, W, x, y, a), line, lw),
+            ("line", _poly(((0.2, -0.33), (0.2, 0.33)), L, W, x, y, a), line, lw),
+        ]
     if kind == "pool":
-        return [("poly", _rect(x, y, a, L, W), (232, 232, 226), 0),
-                ("poly", _rect(x, y, a, 0.8 * L, 0.7 * W), (54, 156, 214), 0)]
+        return [
+            ("poly", _rect(x, y, a, L, W), (232, 232, 226), 0),
+            ("poly", _rect(x, y, a, 0.8 * L, 0.7 * W), (54, 156, 214), 0),
+        ]
     raise ValueError(f"unknown object kind {kind!r}")
 
 
 # How far an object casts its shadow, relative to the canvas (tall things cast longer ones).
-SHADOW_LENGTH = {"plane": 0.012, "ship": 0.008, "car": 0.006, "tank": 0.02, "house": 0.018,
-                 "tree": 0.02, "court": 0.0, "pool": 0.0, "factory": 0.03}
+SHADOW_LENGTH = {
+    "plane": 0.012,
+    "ship": 0.008,
+    "car": 0.006,
+    "tank": 0.02,
+    "house": 0.018,
+    "tree": 0.02,
+    "court": 0.0,
+    "pool": 0.0,
+    "factory": 0.03,
+}
 
 
-def _draw_part(draw: ImageDraw.ImageDraw, part: Part, dx: float = 0.0, dy: float = 0.0,
-               fill: int | RGB | None = None) -> None:
+def _draw_part(
+    draw: ImageDraw.ImageDraw,
+    part: Part,
+    dx: float = 0.0,
+    dy: float = 0.0,
+    fill: int | RGB | None = None,
+) -> None:
     shape, pts, rgb, width = part
     pts = [(px + dx, py + dy) for px, py in pts]
     col = rgb if fill is None else fill
@@ -243,8 +296,12 @@ def _draw_part(draw: ImageDraw.ImageDraw, part: Part, dx: float = 0.0, dy: float
         draw.line(pts, fill=col, width=width)
 
 
-def composite(img: Image.Image, objects: Sequence[tuple[str, list[Part]]],
-              shadow: tuple[float, float], strength: float = 0.45) -> Image.Image:
+def composite(
+    img: Image.Image,
+    objects: Sequence[tuple[str, list[Part]]],
+    shadow: tuple[float, float],
+    strength: float = 0.45,
+) -> Image.Image:
     """Draw shadows (darkening what lies under them), then the objects' parts, onto ``img``.
 
     ``objects`` is a list of (kind, parts); ``shadow`` the direction of the shadows (unit-ish
@@ -270,12 +327,23 @@ def composite(img: Image.Image, objects: Sequence[tuple[str, list[Part]]],
     return out
 
 
-def draw_road(draw: ImageDraw.ImageDraw, size: int, horizontal: bool, at: float, width: float,
-              start: float = 0.0, end: float = 1.0, dashes: bool = True) -> None:
+def draw_road(
+    draw: ImageDraw.ImageDraw,
+    size: int,
+    horizontal: bool,
+    at: float,
+    width: float,
+    start: float = 0.0,
+    end: float = 1.0,
+    dashes: bool = True,
+) -> None:
     """An axis-aligned road at normalised position ``at`` (its centre), from start to end."""
     s, h = size, width / 2
-    box = ((start * s, (at - h) * s, end * s, (at + h) * s) if horizontal
-           else ((at - h) * s, start * s, (at + h) * s, end * s))
+    box = (
+        (start * s, (at - h) * s, end * s, (at + h) * s)
+        if horizontal
+        else ((at - h) * s, start * s, (at + h) * s, end * s)
+    )
     draw.rectangle(box, fill=ASPHALT)
     if not dashes:
         return
@@ -334,8 +402,9 @@ def bg_bridge(rng: np.random.Generator, size: int, p: Params) -> Image.Image:
     return img
 
 
-def bg_residential(rng: np.random.Generator, size: int, p: Params, shadow: tuple[float, float]
-                   ) -> Image.Image:
+def bg_residential(
+    rng: np.random.Generator, size: int, p: Params, shadow: tuple[float, float]
+) -> Image.Image:
     """Dense housing in rows on both sides of a horizontal main road and side streets."""
     img = to_image(paved(rng, size, (152, 150, 140)))
     draw = ImageDraw.Draw(img)
@@ -351,27 +420,37 @@ def bg_residential(rng: np.random.Generator, size: int, p: Params, shadow: tuple
             cx = x + length / 2
             if all(abs(cx - s) > 0.022 + length / 2 for s in p["streets"]):
                 rgb = shade(jitter(rng, roofs[rng.integers(len(roofs))], 12), 1.0)
-                houses.append(("house", object_parts("house", cx * size, y * size, 0.0,
-                                                     length * size, 0.075 * size, rgb)))
+                houses.append(
+                    (
+                        "house",
+                        object_parts(
+                            "house", cx * size, y * size, 0.0, length * size, 0.075 * size, rgb
+                        ),
+                    )
+                )
             x += length + rng.uniform(0.012, 0.025)
     return composite(img, houses, shadow)
 
 
-def bg_industrial(rng: np.random.Generator, size: int, p: Params, shadow: tuple[float, float]
-                  ) -> Image.Image:
+def bg_industrial(
+    rng: np.random.Generator, size: int, p: Params, shadow: tuple[float, float]
+) -> Image.Image:
     """Concrete yard with two large factory halls in the right strip."""
     img = to_image(paved(rng, size, CONCRETE))
     halls = []
     for y0, y1 in ((0.04, p["split"] - 0.03), (p["split"] + 0.03, 0.96)):
-        roof = shade(jitter(rng, ((150, 156, 166), (112, 132, 162), (200, 200, 198))[
-            rng.integers(3)], 8), 1.0)
+        roof = shade(
+            jitter(rng, ((150, 156, 166), (112, 132, 162), (200, 200, 198))[rng.integers(3)], 8),
+            1.0,
+        )
         s, length, width = size, 0.31, y1 - y0
         x, y = 0.805 * s, (y0 + y1) / 2 * s
         parts: list[Part] = [("poly", _rect(x, y, 0.0, length * s, width * s), roof, 0)]
         for k in range(1, 6):  # roof ridges
             yy = (y0 + k * width / 6) * s
-            parts.append(("line", [(x - length * s / 2, yy), (x + length * s / 2, yy)],
-                          shade(roof, 0.8), 1))
+            parts.append(
+                ("line", [(x - length * s / 2, yy), (x + length * s / 2, yy)], shade(roof, 0.8), 1)
+            )
         halls.append(("factory", parts))
     return composite(img, halls, shadow)
 
@@ -382,19 +461,24 @@ def bg_airport(rng: np.random.Generator, size: int, p: Params) -> Image.Image:
     left, right = p["xr"] - p["rw"] / 2, p["xr"] + p["rw"] / 2
     draw.rectangle((0.02 * s, 0.02 * s, (left - 0.04) * s, 0.98 * s), fill=CONCRETE)  # apron
     for y in (0.2, 0.8):  # taxiways
-        draw.rectangle(((left - 0.05) * s, (y - 0.025) * s, left * s, (y + 0.025) * s),
-                       fill=ASPHALT)
+        draw.rectangle(
+            ((left - 0.05) * s, (y - 0.025) * s, left * s, (y + 0.025) * s), fill=ASPHALT
+        )
     draw.rectangle((left * s, 0, right * s, s), fill=(66, 68, 72))
     lw = max(1, round(0.006 * s))
     for xx in (left + 0.008, right - 0.008):
         draw.line([(xx * s, 0), (xx * s, s)], fill=(226, 226, 220), width=lw)
     for y in np.arange(0.14, 0.86, 0.08):
-        draw.line([(p["xr"] * s, y * s), (p["xr"] * s, (y + 0.04) * s)], fill=(236, 236, 230),
-                  width=2 * lw)
+        draw.line(
+            [(p["xr"] * s, y * s), (p["xr"] * s, (y + 0.04) * s)],
+            fill=(236, 236, 230),
+            width=2 * lw,
+        )
     for y in (0.02, 0.9):  # threshold markings
         for xx in np.linspace(left + 0.02, right - 0.02, 6):
-            draw.line([(xx * s, y * s), (xx * s, (y + 0.07) * s)], fill=(236, 236, 230),
-                      width=2 * lw)
+            draw.line(
+                [(xx * s, y * s), (xx * s, (y + 0.07) * s)], fill=(236, 236, 230), width=2 * lw
+            )
     return img
 
 
@@ -406,8 +490,9 @@ def bg_harbour(rng: np.random.Generator, size: int, p: Params) -> Image.Image:
     draw, s = ImageDraw.Draw(img), size
     draw.rectangle((0, p["q"] * s, s, (p["q"] + 0.012) * s), fill=(208, 206, 198))
     for x in np.arange(0.05, 1.0, 0.1):  # bollards
-        draw.rectangle((x * s, (p["q"] + 0.002) * s, (x + 0.008) * s, (p["q"] + 0.01) * s),
-                       fill=(60, 60, 60))
+        draw.rectangle(
+            (x * s, (p["q"] + 0.002) * s, (x + 0.008) * s, (p["q"] + 0.01) * s), fill=(60, 60, 60)
+        )
     return img
 
 
@@ -424,8 +509,11 @@ def bg_parking(rng: np.random.Generator, size: int, p: Params) -> Image.Image:
             x = (p["origin"] + k * p["pitch"]) * s
             draw.line([(x, y0), (x, y1)], fill=(226, 226, 220), width=lw)
         x0, x1 = p["origin"] * s, (p["origin"] + p["stalls"] * p["pitch"]) * s
-        draw.line([(x0, y0 if row < 0.5 else y1), (x1, y0 if row < 0.5 else y1)],
-                  fill=(226, 226, 220), width=lw)
+        draw.line(
+            [(x0, y0 if row < 0.5 else y1), (x1, y0 if row < 0.5 else y1)],
+            fill=(226, 226, 220),
+            width=lw,
+        )
     return img
 
 
@@ -434,26 +522,43 @@ def bg_playground(rng: np.random.Generator, size: int, p: Params) -> Image.Image
     img = to_image(grass(rng, size))
     draw, s = ImageDraw.Draw(img), size
     cx, hw, hh = p["cx"], p["hw"], p["hh"]
-    draw.rounded_rectangle(((cx - hw) * s, (0.5 - hh) * s, (cx + hw) * s, (0.5 + hh) * s),
-                           radius=hw * s, fill=shade(TRACK, rng.uniform(0.9, 1.1)))
+    draw.rounded_rectangle(
+        ((cx - hw) * s, (0.5 - hh) * s, (cx + hw) * s, (0.5 + hh) * s),
+        radius=hw * s,
+        fill=shade(TRACK, rng.uniform(0.9, 1.1)),
+    )
     lane = max(1, round(0.004 * s))
     for inset in (0.015, 0.03):
-        draw.rounded_rectangle(((cx - hw + inset) * s, (0.5 - hh + inset) * s,
-                                (cx + hw - inset) * s, (0.5 + hh - inset) * s),
-                               radius=(hw - inset) * s, outline=(220, 200, 190), width=lane)
+        draw.rounded_rectangle(
+            (
+                (cx - hw + inset) * s,
+                (0.5 - hh + inset) * s,
+                (cx + hw - inset) * s,
+                (0.5 + hh - inset) * s,
+            ),
+            radius=(hw - inset) * s,
+            outline=(220, 200, 190),
+            width=lane,
+        )
     i = 0.045
-    draw.rounded_rectangle(((cx - hw + i) * s, (0.5 - hh + i) * s, (cx + hw - i) * s,
-                            (0.5 + hh - i) * s), radius=(hw - i) * s, fill=(64, 136, 58))
+    draw.rounded_rectangle(
+        ((cx - hw + i) * s, (0.5 - hh + i) * s, (cx + hw - i) * s, (0.5 + hh - i) * s),
+        radius=(hw - i) * s,
+        fill=(64, 136, 58),
+    )
     top, bottom, step = 0.5 - hh + hw, 0.5 + hh - hw, (2 * (hh - hw)) / 8
     for k in range(0, 8, 2):  # mowing stripes
         y0 = top + k * step
-        draw.rectangle(((cx - hw + i) * s, y0 * s, (cx + hw - i) * s, (y0 + step) * s),
-                       fill=(78, 150, 66))
+        draw.rectangle(
+            ((cx - hw + i) * s, y0 * s, (cx + hw - i) * s, (y0 + step) * s), fill=(78, 150, 66)
+        )
     white = (236, 236, 232)
-    draw.rectangle(((cx - hw + 0.07) * s, top * s, (cx + hw - 0.07) * s, bottom * s),
-                   outline=white, width=lane)
-    draw.line([((cx - hw + 0.07) * s, 0.5 * s), ((cx + hw - 0.07) * s, 0.5 * s)], fill=white,
-              width=lane)
+    draw.rectangle(
+        ((cx - hw + 0.07) * s, top * s, (cx + hw - 0.07) * s, bottom * s), outline=white, width=lane
+    )
+    draw.line(
+        [((cx - hw + 0.07) * s, 0.5 * s), ((cx + hw - 0.07) * s, 0.5 * s)], fill=white, width=lane
+    )
     r = 0.06 * s
     draw.ellipse((cx * s - r, 0.5 * s - r, cx * s + r, 0.5 * s + r), outline=white, width=lane)
     return img
@@ -467,8 +572,9 @@ def bg_crossroads(rng: np.random.Generator, size: int, p: Params) -> Image.Image
     w = p["road_w"]
     draw_road(draw, size, True, 0.5, w)
     draw_road(draw, size, False, 0.5, w)
-    draw.rectangle(((0.5 - w / 2) * s, (0.5 - w / 2) * s, (0.5 + w / 2) * s, (0.5 + w / 2) * s),
-                   fill=ASPHALT)
+    draw.rectangle(
+        ((0.5 - w / 2) * s, (0.5 - w / 2) * s, (0.5 + w / 2) * s, (0.5 + w / 2) * s), fill=ASPHALT
+    )
     lw = max(1, round(0.008 * s))
     for k in np.linspace(-w / 2 + 0.012, w / 2 - 0.012, 6):
         for d in (-1, 1):
@@ -492,8 +598,9 @@ def bg_meadow(rng: np.random.Generator, size: int) -> np.ndarray:
     return out
 
 
-def background(scene_class: str, p: Params, size: int, rng: np.random.Generator,
-               shadow: tuple[float, float]) -> Image.Image:
+def background(
+    scene_class: str, p: Params, size: int, rng: np.random.Generator, shadow: tuple[float, float]
+) -> Image.Image:
     """The background of a scene class in the canonical frame, as an RGB image of side ``size``.
 
     ``shadow`` is the shadow direction in the canonical frame (for drawn buildings).

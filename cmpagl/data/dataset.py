@@ -173,6 +173,13 @@ def split_off_val(ds: CaptionDataset, n_val: int, seed: int = 0) -> CaptionDatas
         raise DataError(f"cannot move {n_val} of {len(train)} train images to val")
     chosen = set(np.random.default_rng(seed).choice(train, size=n_val, replace=False).tolist())
     splits = ["val" if i in chosen else s for i, s in enumerate(ds.splits)]
-    return CaptionDataset(ds.name, ds.image_dir, list(ds.filenames), splits,
-                          [list(c) for c in ds.captions], list(ds.image_ids),
-                          None if ds.labels is None else list(ds.labels), ds.source)
+    return CaptionDataset(
+        ds.name,
+        ds.image_dir,
+        list(ds.filenames),
+        splits,
+        [list(c) for c in ds.captions],
+        list(ds.image_ids),
+        None if ds.labels is None else list(ds.labels),
+        ds.source,
+    )

@@ -84,7 +84,11 @@ def _drop_empty(
     dropped = [filenames[i] for i in range(len(filenames)) if i not in set(keep)]
     warnings.warn(
         f"{source}: dropped {len(empty)} empty captions"
-        + (f" and {len(dropped)} images left without captions: {_first(dropped)}" if dropped else ""),
+        + (
+            f" and {len(dropped)} images left without captions: {_first(dropped)}"
+            if dropped
+            else ""
+        ),
         stacklevel=3,
     )
     return cleaned, keep
@@ -153,7 +157,7 @@ def _read_lines(path: Path) -> list[str]:
 def _group_precomp(
     caps: list[str], names: list[str], caps_path: Path, names_path: Path
 ) -> tuple[list[str], list[list[str]], str]:
-    """Group caption lines by image for either published layout; return (names, captions, layout)."""
+    """Group caption lines by image for either published layout -> (names, captions, layout)."""
     n_caps, n_names = len(caps), len(names)
     if n_names == 0:
         raise DataError(f"{names_path} is empty")
@@ -240,8 +244,11 @@ def load_dataset(
     reader = read_karpathy if detected == "karpathy" else read_precomp
     ds = reader(path, image_dir=image_dir, name=name, empty_captions=empty_captions)
     if captions_per_image is not None:
-        bad = [f for f, c in zip(ds.filenames, ds.captions, strict=True)
-               if len(c) != captions_per_image]
+        bad = [
+            f
+            for f, c in zip(ds.filenames, ds.captions, strict=True)
+            if len(c) != captions_per_image
+        ]
         if bad:
             raise DataError(
                 f"{len(bad)} images in {ds.source} do not have {captions_per_image} captions: "

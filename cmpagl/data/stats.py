@@ -115,16 +115,24 @@ def perceptual_hash(path: str | Path, hash_size: int = 8, highfreq: int = 4) -> 
 def cross_split_duplicates(ds: CaptionDataset, max_distance: int = 4) -> list[dict]:
     """Pairs of images in different splits whose perceptual hashes differ in at most
     ``max_distance`` of 64 bits: ``[{"a", "split_a", "b", "split_b", "distance"}]``."""
-    hashes = np.array([perceptual_hash(ds.image_path(i)) for i in range(ds.num_images)],
-                      dtype=np.uint64)
+    hashes = np.array(
+        [perceptual_hash(ds.image_path(i)) for i in range(ds.num_images)], dtype=np.uint64
+    )
     splits = np.array(ds.splits)
     pairs = []
     for i in range(ds.num_images):  # one vectorised row at a time: O(N) memory
         dist = np.bitwise_count(hashes[i] ^ hashes[i + 1 :])
         for j in np.nonzero((dist <= max_distance) & (splits[i + 1 :] != splits[i]))[0]:
             k = i + 1 + int(j)
-            pairs.append({"a": ds.filenames[i], "split_a": ds.splits[i], "b": ds.filenames[k],
-                          "split_b": ds.splits[k], "distance": int(dist[j])})
+            pairs.append(
+                {
+                    "a": ds.filenames[i],
+                    "split_a": ds.splits[i],
+                    "b": ds.filenames[k],
+                    "split_b": ds.splits[k],
+                    "distance": int(dist[j]),
+                }
+            )
     return pairs
 
 
@@ -147,10 +155,13 @@ def format_statistics(st: DatasetStats) -> str:
     ]
     if st.labels:
         lines.append(f"classes: {len(st.labels)} ({', '.join(st.labels)})")
-    lines.append("length histogram: " + " ".join(f"{k}:{v}" for k, v in st.length_histogram.items()))
+    lines.append(
+        "length histogram: " + " ".join(f"{k}:{v}" for k, v in st.length_histogram.items())
+    )
     if st.cross_split_duplicates:
         lines.append(f"same image in two splits: {len(st.cross_split_duplicates)} pairs, e.g.")
         for p in st.cross_split_duplicates[:5]:
-            lines.append(f"  {p['a']} ({p['split_a']}) ~ {p['b']} ({p['split_b']}), "
-                         f"distance {p['distance']}")
+            lines.append(
+                f"  {p['a']} ({p['split_a']}) ~ {p['b']} ({p['split_b']}), distance {p['distance']}"
+            )
     return "\n".join(lines)

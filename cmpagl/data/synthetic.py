@@ -57,9 +57,22 @@ GENERATOR_VERSION = 1
 CAPTIONS_PER_IMAGE = 5
 
 SCENE_CLASSES: tuple[str, ...] = (
-    "farmland", "forest", "river", "lake", "beach", "dense_residential", "sparse_residential",
-    "industrial", "airport", "harbour", "parking_lot", "playground", "crossroads", "desert",
-    "bridge", "meadow",
+    "farmland",
+    "forest",
+    "river",
+    "lake",
+    "beach",
+    "dense_residential",
+    "sparse_residential",
+    "industrial",
+    "airport",
+    "harbour",
+    "parking_lot",
+    "playground",
+    "crossroads",
+    "desert",
+    "bridge",
+    "meadow",
 )
 
 
@@ -177,8 +190,15 @@ _RELATION_WORDS = {
     "along": ("along the {}",),
 }
 _DIRECTION_VECTORS = {
-    "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "center": (0, 0),
-    "top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "top": (0, -1),
+    "bottom": (0, 1),
+    "center": (0, 0),
+    "top left": (-1, -1),
+    "top right": (1, -1),
+    "bottom left": (-1, 1),
+    "bottom right": (1, 1),
 }
 _GAP = 0.02  # free space between neighbours in a row, fraction of the image side
 _SHADOW = (1.0, 1.0)  # sun from the top left in the final image
@@ -254,8 +274,13 @@ def _lay_river(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _Pla
     w = float(rng.uniform(0.2, 0.28))
     e, beside = 0.5 - w / 2 - 0.025, (("beside", "river"),)
     return {"w": w}, {
-        "river": _Place((0.5 - w / 2 + 0.03, 0.03, 0.5 + w / 2 - 0.03, 0.97), "",
-                        (("on", "river"), ("in", "river")), _V, False),
+        "river": _Place(
+            (0.5 - w / 2 + 0.03, 0.03, 0.5 + w / 2 - 0.03, 0.97),
+            "",
+            (("on", "river"), ("in", "river")),
+            _V,
+            False,
+        ),
         "left": _Place((0.03, 0.04, e, 0.96), "left", beside, _V),
         "right": _Place((1 - e, 0.04, 0.97, 0.96), "right", beside, _V),
     }
@@ -265,8 +290,11 @@ def _lay_lake(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _Plac
     rx, ry = float(rng.uniform(0.25, 0.3)), float(rng.uniform(0.21, 0.26))
     ex, ey, by = 0.5 - rx - 0.04, 0.5 - ry - 0.04, (("beside", "lake"),)
     return {"rx": rx, "ry": ry}, {
-        "lake": _Place((0.5 - 0.6 * rx, 0.5 - 0.6 * ry, 0.5 + 0.6 * rx, 0.5 + 0.6 * ry), "center",
-                       (("on", "lake"), ("in", "lake"))),
+        "lake": _Place(
+            (0.5 - 0.6 * rx, 0.5 - 0.6 * ry, 0.5 + 0.6 * rx, 0.5 + 0.6 * ry),
+            "center",
+            (("on", "lake"), ("in", "lake")),
+        ),
         "left": _Place((0.02, 0.04, ex, 0.96), "left", by, _V),
         "right": _Place((1 - ex, 0.04, 0.98, 0.96), "right", by, _V),
         "top": _Place((0.04, 0.02, 0.96, ey), "top", by),
@@ -311,8 +339,7 @@ def _lay_industrial(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str,
     near = (("near", "factories"),)
     return {"split": float(rng.uniform(0.4, 0.6))}, {
         "yard": _Place((0.03, 0.03, 0.46, 0.97), "left", near, _V),
-        "front": _Place((0.48, 0.04, 0.62, 0.96), "", near + (("beside", "factories"),), _V,
-                        False),
+        "front": _Place((0.48, 0.04, 0.62, 0.96), "", near + (("beside", "factories"),), _V, False),
     }
 
 
@@ -328,8 +355,13 @@ def _lay_airport(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _P
 def _lay_harbour(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _Place]]:
     q = float(rng.uniform(0.55, 0.62))
     return {"q": q}, {
-        "quay": _Place((0.03, q - 0.075, 0.97, q - 0.005), "",
-                       (("along", "dock"), ("in", "harbour")), _H, False),
+        "quay": _Place(
+            (0.03, q - 0.075, 0.97, q - 0.005),
+            "",
+            (("along", "dock"), ("in", "harbour")),
+            _H,
+            False,
+        ),
         "water": _Place((0.03, 0.03, 0.97, q - 0.13), "top", (("in", "harbour"),)),
         "land": _Place((0.03, q + 0.04, 0.97, 0.97), "bottom", (("on", "dock"),)),
     }
@@ -349,8 +381,12 @@ def _lay_parking(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _P
 def _lay_playground(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _Place]]:
     cx, hw = float(rng.uniform(0.62, 0.67)), float(rng.uniform(0.24, 0.27))
     return {"cx": cx, "hw": hw, "hh": 0.42}, {
-        "side": _Place((0.03, 0.03, cx - hw - 0.03, 0.97), "left",
-                       (("beside", "playground"), ("near", "track")), _V),
+        "side": _Place(
+            (0.03, 0.03, cx - hw - 0.03, 0.97),
+            "left",
+            (("beside", "playground"), ("near", "track")),
+            _V,
+        ),
     }
 
 
@@ -372,8 +408,9 @@ def _lay_bridge(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, _Pl
     w, b = float(rng.uniform(0.26, 0.32)), float(rng.uniform(0.46, 0.54))
     x0, x1, on = 0.5 - w / 2 + 0.03, 0.5 + w / 2 - 0.03, ("on", "river")
     return {"w": w, "b": b}, {
-        "bridge": _Place((x0 - 0.05, b - 0.035, x1 + 0.05, b + 0.035), "", (("on", "bridge"),),
-                         _H, False),
+        "bridge": _Place(
+            (x0 - 0.05, b - 0.035, x1 + 0.05, b + 0.035), "", (("on", "bridge"),), _H, False
+        ),
         "river_top": _Place((x0, 0.03, x1, b - 0.08), "top", (("beside", "bridge"), on), _V),
         "river_bottom": _Place((x0, b + 0.08, x1, 0.97), "bottom", (("beside", "bridge"), on), _V),
     }
@@ -393,8 +430,11 @@ def _cars(*places: str, moving: bool = False) -> _Option:
     return _Option("car", places, ("parked",))
 
 
-def _ships(*places: str, verbs: tuple[str, ...] = ("sailing", "moored"),
-           sizes: tuple[str, ...] | None = None) -> _Option:
+def _ships(
+    *places: str,
+    verbs: tuple[str, ...] = ("sailing", "moored"),
+    sizes: tuple[str, ...] | None = None,
+) -> _Option:
     return _Option("ship", places, verbs, rel=0.0, scatter="axis", sizes=sizes)
 
 
@@ -405,114 +445,245 @@ _STD = ("left", "right", "top", "bottom", "center")
 def _class_table() -> dict[str, _ClassDef]:
     """The scene classes (built on first use, not at import)."""
     table = {
-        "farmland": _ClassDef(_lay_plain, (_houses(*_STD), _trees(*_STD[:4])),
-                              ("a piece of farmland", "some farmland"), (
-            "there is a piece of farmland", "many pieces of farmland are arranged neatly",
-            "the farmland is divided into fields of different colors",
-            "green and brown fields are next to each other", "this is a large area of farmland")),
-        "forest": _ClassDef(_lay_plain, (_houses(*_STD),), ("a dense forest", "a forest"), (
-            "many green trees are in the forest", "this is a dense forest",
-            "the forest is dark green and dense", "lots of trees grow closely in the forest",
-            "a large forest with dense trees")),
-        "river": _ClassDef(_lay_river, (
-            _ships("river"), _trees("left", "right"), _houses("left", "right")),
-            ("a river", "a long river"), (
-            "a river runs through the area", "there is a river with green banks",
-            "the river flows across the image", "a long river passes by the green land",
-            "this is a river"), primary=("ship", "tree", "house")),
-        "lake": _ClassDef(_lay_lake, (
-            _ships("lake", sizes=("small",)), _trees("left", "right", "top", "bottom"),
-            _houses("left", "right", "top", "bottom", sizes=("small",))),
-            ("a lake", "a small lake"), (
-            "there is a lake surrounded by green land", "a blue lake is in the middle of the image",
-            "the lake is surrounded by grass", "this is a small lake",
-            "a quiet lake with green grass around it")),
-        "beach": _ClassDef(_lay_beach, (_ships("sea"), _trees("land"), _houses("land")),
-                           ("a beach", "a sandy beach"), (
-            "a beach is between the sea and the land", "the yellow beach is next to the blue sea",
-            "white waves hit the beach", "this is a long sandy beach",
-            "the sea is beside a strip of sand")),
-        "dense_residential": _ClassDef(_lay_dense, (
-            _cars("road_left", "road_right", "road", moving=True),),
-            ("a dense residential area", "a crowded residential area"), (
-            "a dense residential area with many houses", "many houses are arranged densely",
-            "lots of buildings are closely packed in the residential area",
-            "this is a dense residential area",
-            "a road passes through the dense residential area")),
-        "sparse_residential": _ClassDef(_lay_sparse, (
-            _houses("top", "bottom"), _trees("top", "bottom"),
-            _Option("pool", ("top", "bottom"), ("located",)),
-            _cars("road_left", "road_right", "road", moving=True)),
-            ("a sparse residential area", "a residential area"), (
-            "this is a sparse residential area", "a sparse residential area with green lawns",
-            "the residential area is surrounded by grass",
-            "a road goes through the sparse residential area",
-            "there is a lot of green grass in the sparse residential area"), primary=("house",)),
-        "industrial": _ClassDef(_lay_industrial, (
-            _Option("tank", ("yard",), ("located", "standing"), scatter="free"),
-            _Option("car", ("front",), ("parked",), arrangements=("row",))),
-            ("an industrial area", "a factory area"), (
-            "this is an industrial area", "an industrial area with large factories",
-            "two large factories are in the industrial area",
-            "the industrial area has a large concrete ground",
-            "a factory area with gray concrete ground"), primary=("tank",)),
-        "airport": _ClassDef(_lay_airport, (
-            _Option("plane", ("apron",), ("parked", "standing"), rel=-math.pi / 2,
-                    scatter="free", flip=False),
-            _Option("plane", ("apron",), ("parked", "standing"), rel=-math.pi / 2,
-                    scatter="free", flip=False),
-            _Option("plane", ("runway",), ("standing", "waiting"), rel=0.0, scatter="axis")),
-            ("an airport", "an airport area"), (
-            "this is an airport", "a runway is in the airport",
-            "there is a long runway at the airport",
-            "an airport with a gray runway and green grass", "the runway is beside the apron")),
-        "harbour": _ClassDef(_lay_harbour, (
-            _ships("quay", "quay", "water", verbs=("docked", "moored")), _cars("land"),
-            _Option("tank", ("land",), ("located", "standing"), scatter="free")),
-            ("a harbour", "a port"), (
-            "this is a harbour", "the harbour is beside the water",
-            "the dark blue water is in the harbour", "a harbour with a long dock",
-            "the dock is next to the water"), primary=("ship",)),
-        "parking_lot": _ClassDef(_lay_parking, (
-            _cars("row_top", "row_bottom"), _trees("edge_top", "edge_bottom")),
-            ("a parking lot", "a large parking lot"), (
-            "this is a parking lot", "a large parking lot with white lines",
-            "the parking lot is paved with gray asphalt",
-            "many parking spaces are in the parking lot", "there is a parking lot"),
-            primary=("car",)),
-        "playground": _ClassDef(_lay_playground, (
-            _Option("court", ("side",), ("located",), rel=math.pi / 2), _trees("side"),
-            _cars("side")),
-            ("a playground", "a sports field"), (
-            "a playground with a red running track",
-            "there is a football field in the playground",
-            "a green football field is surrounded by a red track", "this is a playground",
-            "the playground has a green field and a red track")),
-        "crossroads": _ClassDef(_lay_crossroads, (
-            _cars("arm_left", "arm_right", "arm_top", "arm_bottom", moving=True),
-            _houses("q_tl", "q_tr", "q_bl", "q_br", sizes=("small",)),
-            _trees("q_tl", "q_tr", "q_bl", "q_br")),
-            ("a crossroads", "an intersection"), (
-            "two roads cross each other", "this is a crossroads",
-            "there is an intersection in the middle of the image",
-            "two straight roads intersect in the center",
-            "a crossroads with white zebra crossings")),
-        "desert": _ClassDef(_lay_plain, (_trees(*_STD), _cars(*_STD), _houses(*_STD)),
-                            ("a desert", "a piece of desert"), (
-            "this is a piece of desert", "a large yellow desert with sand dunes",
-            "the desert is covered with sand", "there are many dunes in the desert",
-            "a vast desert without much vegetation")),
-        "bridge": _ClassDef(_lay_bridge, (
-            _cars("bridge", moving=True), _ships("river_top", "river_bottom")),
-            ("a bridge", "a bridge over a river"), (
-            "a bridge is over the river", "there is a bridge across the river",
-            "a long bridge spans the river", "a river with a bridge over it",
-            "this is a bridge")),
-        "meadow": _ClassDef(_lay_plain, (_trees(*_STD), _houses(*_STD)),
-                            ("a meadow", "a green meadow"), (
-            "this is a green meadow", "a large piece of green meadow",
-            "the meadow is covered with green grass", "there is a green meadow",
-            "a large green grassland")),
+        "farmland": _ClassDef(
+            _lay_plain,
+            (_houses(*_STD), _trees(*_STD[:4])),
+            ("a piece of farmland", "some farmland"),
+            (
+                "there is a piece of farmland",
+                "many pieces of farmland are arranged neatly",
+                "the farmland is divided into fields of different colors",
+                "green and brown fields are next to each other",
+                "this is a large area of farmland",
+            ),
+        ),
+        "forest": _ClassDef(
+            _lay_plain,
+            (_houses(*_STD),),
+            ("a dense forest", "a forest"),
+            (
+                "many green trees are in the forest",
+                "this is a dense forest",
+                "the forest is dark green and dense",
+                "lots of trees grow closely in the forest",
+                "a large forest with dense trees",
+            ),
+        ),
+        "river": _ClassDef(
+            _lay_river,
+            (_ships("river"), _trees("left", "right"), _houses("left", "right")),
+            ("a river", "a long river"),
+            (
+                "a river runs through the area",
+                "there is a river with green banks",
+                "the river flows across the image",
+                "a long river passes by the green land",
+                "this is a river",
+            ),
+            primary=("ship", "tree", "house"),
+        ),
+        "lake": _ClassDef(
+            _lay_lake,
+            (
+                _ships("lake", sizes=("small",)),
+                _trees("left", "right", "top", "bottom"),
+                _houses("left", "right", "top", "bottom", sizes=("small",)),
+            ),
+            ("a lake", "a small lake"),
+            (
+                "there is a lake surrounded by green land",
+                "a blue lake is in the middle of the image",
+                "the lake is surrounded by grass",
+                "this is a small lake",
+                "a quiet lake with green grass around it",
+            ),
+        ),
+        "beach": _ClassDef(
+            _lay_beach,
+            (_ships("sea"), _trees("land"), _houses("land")),
+            ("a beach", "a sandy beach"),
+            (
+                "a beach is between the sea and the land",
+                "the yellow beach is next to the blue sea",
+                "white waves hit the beach",
+                "this is a long sandy beach",
+                "the sea is beside a strip of sand",
+            ),
+        ),
+        "dense_residential": _ClassDef(
+            _lay_dense,
+            (_cars("road_left", "road_right", "road", moving=True),),
+            ("a dense residential area", "a crowded residential area"),
+            (
+                "a dense residential area with many houses",
+                "many houses are arranged densely",
+                "lots of buildings are closely packed in the residential area",
+                "this is a dense residential area",
+                "a road passes through the dense residential area",
+            ),
+        ),
+        "sparse_residential": _ClassDef(
+            _lay_sparse,
+            (
+                _houses("top", "bottom"),
+                _trees("top", "bottom"),
+                _Option("pool", ("top", "bottom"), ("located",)),
+                _cars("road_left", "road_right", "road", moving=True),
+            ),
+            ("a sparse residential area", "a residential area"),
+            (
+                "this is a sparse residential area",
+                "a sparse residential area with green lawns",
+                "the residential area is surrounded by grass",
+                "a road goes through the sparse residential area",
+                "there is a lot of green grass in the sparse residential area",
+            ),
+            primary=("house",),
+        ),
+        "industrial": _ClassDef(
+            _lay_industrial,
+            (
+                _Option("tank", ("yard",), ("located", "standing"), scatter="free"),
+                _Option("car", ("front",), ("parked",), arrangements=("row",)),
+            ),
+            ("an industrial area", "a factory area"),
+            (
+                "this is an industrial area",
+                "an industrial area with large factories",
+                "two large factories are in the industrial area",
+                "the industrial area has a large concrete ground",
+                "a factory area with gray concrete ground",
+            ),
+            primary=("tank",),
+        ),
+        "airport": _ClassDef(
+            _lay_airport,
+            (
+                _Option(
+                    "plane",
+                    ("apron",),
+                    ("parked", "standing"),
+                    rel=-math.pi / 2,
+                    scatter="free",
+                    flip=False,
+                ),
+                _Option(
+                    "plane",
+                    ("apron",),
+                    ("parked", "standing"),
+                    rel=-math.pi / 2,
+                    scatter="free",
+                    flip=False,
+                ),
+                _Option("plane", ("runway",), ("standing", "waiting"), rel=0.0, scatter="axis"),
+            ),
+            ("an airport", "an airport area"),
+            (
+                "this is an airport",
+                "a runway is in the airport",
+                "there is a long runway at the airport",
+                "an airport with a gray runway and green grass",
+                "the runway is beside the apron",
+            ),
+        ),
+        "harbour": _ClassDef(
+            _lay_harbour,
+            (
+                _ships("quay", "quay", "water", verbs=("docked", "moored")),
+                _cars("land"),
+                _Option("tank", ("land",), ("located", "standing"), scatter="free"),
+            ),
+            ("a harbour", "a port"),
+            (
+                "this is a harbour",
+                "the harbour is beside the water",
+                "the dark blue water is in the harbour",
+                "a harbour with a long dock",
+                "the dock is next to the water",
+            ),
+            primary=("ship",),
+        ),
+        "parking_lot": _ClassDef(
+            _lay_parking,
+            (_cars("row_top", "row_bottom"), _trees("edge_top", "edge_bottom")),
+            ("a parking lot", "a large parking lot"),
+            (
+                "this is a parking lot",
+                "a large parking lot with white lines",
+                "the parking lot is paved with gray asphalt",
+                "many parking spaces are in the parking lot",
+                "there is a parking lot",
+            ),
+            primary=("car",),
+        ),
+        "playground": _ClassDef(
+            _lay_playground,
+            (
+                _Option("court", ("side",), ("located",), rel=math.pi / 2),
+                _trees("side"),
+                _cars("side"),
+            ),
+            ("a playground", "a sports field"),
+            (
+                "a playground with a red running track",
+                "there is a football field in the playground",
+                "a green football field is surrounded by a red track",
+                "this is a playground",
+                "the playground has a green field and a red track",
+            ),
+        ),
+        "crossroads": _ClassDef(
+            _lay_crossroads,
+            (
+                _cars("arm_left", "arm_right", "arm_top", "arm_bottom", moving=True),
+                _houses("q_tl", "q_tr", "q_bl", "q_br", sizes=("small",)),
+                _trees("q_tl", "q_tr", "q_bl", "q_br"),
+            ),
+            ("a crossroads", "an intersection"),
+            (
+                "two roads cross each other",
+                "this is a crossroads",
+                "there is an intersection in the middle of the image",
+                "two straight roads intersect in the center",
+                "a crossroads with white zebra crossings",
+            ),
+        ),
+        "desert": _ClassDef(
+            _lay_plain,
+            (_trees(*_STD), _cars(*_STD), _houses(*_STD)),
+            ("a desert", "a piece of desert"),
+            (
+                "this is a piece of desert",
+                "a large yellow desert with sand dunes",
+                "the desert is covered with sand",
+                "there are many dunes in the desert",
+                "a vast desert without much vegetation",
+            ),
+        ),
+        "bridge": _ClassDef(
+            _lay_bridge,
+            (_cars("bridge", moving=True), _ships("river_top", "river_bottom")),
+            ("a bridge", "a bridge over a river"),
+            (
+                "a bridge is over the river",
+                "there is a bridge across the river",
+                "a long bridge spans the river",
+                "a river with a bridge over it",
+                "this is a bridge",
+            ),
+        ),
+        "meadow": _ClassDef(
+            _lay_plain,
+            (_trees(*_STD), _houses(*_STD)),
+            ("a meadow", "a green meadow"),
+            (
+                "this is a green meadow",
+                "a large piece of green meadow",
+                "the meadow is covered with green grass",
+                "there is a green meadow",
+                "a large green grassland",
+            ),
+        ),
     }
     assert tuple(table) == SCENE_CLASSES
     return table
@@ -571,12 +742,16 @@ _Placed = tuple[float, float, float, float, float]
 
 def _radius(kind: str, length: float, width: float) -> float:
     """Radius of a circle holding the object (for overlap tests)."""
-    return 0.5 * max(length, width) if kind in ("plane", "tank", "tree") else 0.5 * math.hypot(
-        length, width)
+    return (
+        0.5 * max(length, width)
+        if kind in ("plane", "tank", "tree")
+        else 0.5 * math.hypot(length, width)
+    )
 
 
-def _half_extent(kind: str, length: float, width: float, angle: float | None
-                 ) -> tuple[float, float]:
+def _half_extent(
+    kind: str, length: float, width: float, angle: float | None
+) -> tuple[float, float]:
     """Half sizes (x, y) of the object's bounding box; ``angle=None`` means any angle."""
     if angle is None or kind in ("tank", "tree"):
         r = _radius(kind, length, width)
@@ -594,22 +769,24 @@ def _free(x: float, y: float, r: float, taken: list[tuple[float, float, float]])
     return all(math.hypot(x - a, y - b) >= r + c + 0.006 for a, b, c in taken)
 
 
-def _row_slots(rng: np.random.Generator, lo: float, hi: float, half: float, n: int,
-               pitch: float) -> list[float]:
+def _row_slots(
+    rng: np.random.Generator, lo: float, hi: float, half: float, n: int, pitch: float
+) -> list[float]:
     """Centres of ``n`` consecutive objects along [lo, hi] (fewer if they do not fit)."""
     if pitch:  # fixed slots (parking stalls): slot k has its centre at lo + (k + 0.5) * pitch
         slots = [lo + (k + 0.5) * pitch for k in range(int((hi - lo) / pitch + 1e-9))]
         n = min(n, len(slots))
         k = int(rng.integers(0, len(slots) - n + 1))
-        return slots[k:k + n]
+        return slots[k : k + n]
     step = 2 * half + _GAP
     n = max(1, min(n, int((hi - lo - 2 * half) / step + 1e-9) + 1))
     start = _span(rng, lo + half, hi - half - (n - 1) * step)
     return [start + k * step for k in range(n)]
 
 
-def _place_row(rng: np.random.Generator, opt: _Option, place: _Place, n: int,
-               dims: tuple[float, float]) -> list[_Placed]:
+def _place_row(
+    rng: np.random.Generator, opt: _Option, place: _Place, n: int, dims: tuple[float, float]
+) -> list[_Placed]:
     flip = math.pi if opt.flip and rng.random() < 0.5 else 0.0
     angle = place.axis + opt.rel + flip
     hx, hy = _half_extent(opt.kind, *dims, angle)
@@ -629,9 +806,14 @@ def _scatter_angle(rng: np.random.Generator, opt: _Option, place: _Place) -> flo
     return place.axis + (math.pi / 2 if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.03)
 
 
-def _place_scattered(rng: np.random.Generator, opt: _Option, place: _Place, n: int,
-                     dims: tuple[float, float], taken: list[tuple[float, float, float]]
-                     ) -> list[_Placed]:
+def _place_scattered(
+    rng: np.random.Generator,
+    opt: _Option,
+    place: _Place,
+    n: int,
+    dims: tuple[float, float],
+    taken: list[tuple[float, float, float]],
+) -> list[_Placed]:
     if place.pitch:  # stalls: a random subset of the slots of one row
         row = _place_row(rng, opt, place, 99, dims)
         keep = sorted(rng.choice(len(row), size=min(n, len(row)), replace=False))
@@ -654,8 +836,9 @@ def _place_scattered(rng: np.random.Generator, opt: _Option, place: _Place, n: i
     return out
 
 
-def _sample_group(rng: np.random.Generator, opt: _Option, place: _Place,
-                  taken: list[tuple[float, float, float]]) -> tuple[str, str, list[_Placed]]:
+def _sample_group(
+    rng: np.random.Generator, opt: _Option, place: _Place, taken: list[tuple[float, float, float]]
+) -> tuple[str, str, list[_Placed]]:
     """Pick size, count and arrangement and place the objects (canonical frame)."""
     size = str(rng.choice(opt.sizes or tuple(OBJECT_SIZES[opt.kind])))
     length, width = OBJECT_SIZES[opt.kind][size]
@@ -726,11 +909,22 @@ def sample_scene(rng: np.random.Generator, scene_class: str | None = None) -> Sc
         for x, y, a, length, width in placed:
             taken.append((x, y, _radius(opt.kind, length, width)))
             fx, fy = _turn_point(x, y, t)
-            objects.append(SceneObject(opt.kind, color, fx, fy, _turn_angle(a, t), length, width,
-                                       len(groups)))
-        groups.append(ObjectGroup(opt.kind, color, size, len(placed), arrangement,
-                                  _turn_direction(place.direction, t), place.generic,
-                                  place.anchors, opt.verbs))
+            objects.append(
+                SceneObject(opt.kind, color, fx, fy, _turn_angle(a, t), length, width, len(groups))
+            )
+        groups.append(
+            ObjectGroup(
+                opt.kind,
+                color,
+                size,
+                len(placed),
+                arrangement,
+                _turn_direction(place.direction, t),
+                place.generic,
+                place.anchors,
+                opt.verbs,
+            )
+        )
     return SceneSpec(scene_class, layout, groups, objects)
 
 
@@ -790,8 +984,9 @@ def _object_sentence(g: ObjectGroup, nps: tuple[str, ...], rng: np.random.Genera
     return f"{where} there {be} {noun_phrase}"
 
 
-def captions_for(spec: SceneSpec, rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE
-                 ) -> list[str]:
+def captions_for(
+    spec: SceneSpec, rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE
+) -> list[str]:
     """``n`` captions of a scene: 2-3 scene-level sentences from the class's fixed pool (they
     repeat across images) and object-level ones about its groups (image-specific)."""
     cdef = _class_table()[spec.scene_class]
@@ -831,8 +1026,14 @@ def render_scene(spec: SceneSpec, image_size: int, rng: np.random.Generator) -> 
         # Brightness varies more than hue, so that "gray" stays gray and "white" white.
         base = np.asarray(draw.COLORS[o.color], np.float32) * rng.uniform(0.9, 1.08)
         rgb = tuple(int(c) for c in np.clip(draw.jitter(rng, base, 4), 0, 255))
-        parts.append((o.kind, draw.object_parts(o.kind, o.x * size, o.y * size, o.angle,
-                                                o.length * size, o.width * size, rgb)))
+        parts.append(
+            (
+                o.kind,
+                draw.object_parts(
+                    o.kind, o.x * size, o.y * size, o.angle, o.length * size, o.width * size, rgb
+                ),
+            )
+        )
     img = draw.composite(img, parts, _SHADOW).reduce(2)
     return _photometric(np.asarray(img), rng)
 
@@ -866,14 +1067,20 @@ def _image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, index)))
 
 
-def _record(index: int, split: str, scene_class: str, captions: list[str], first_sentid: int
-            ) -> dict[str, Any]:
+def _record(
+    index: int, split: str, scene_class: str, captions: list[str], first_sentid: int
+) -> dict[str, Any]:
     sentids = list(range(first_sentid, first_sentid + len(captions)))
     return {
-        "filename": f"{index:05d}.png", "imgid": index, "split": split, "class": scene_class,
+        "filename": f"{index:05d}.png",
+        "imgid": index,
+        "split": split,
+        "class": scene_class,
         "sentids": sentids,
-        "sentences": [{"raw": raw, "tokens": tokenize(raw), "imgid": index, "sentid": sid}
-                      for raw, sid in zip(captions, sentids, strict=True)],
+        "sentences": [
+            {"raw": raw, "tokens": tokenize(raw), "imgid": index, "sentid": sid}
+            for raw, sid in zip(captions, sentids, strict=True)
+        ],
     }
 
 
@@ -895,9 +1102,15 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def generate_synthetic_dataset(out_dir: str | Path, n_train: int = 2000, n_val: int = 250,
-                               n_test: int = 250, image_size: int = 128, seed: int = 0,
-                               overwrite: bool = False) -> Path:
+def generate_synthetic_dataset(
+    out_dir: str | Path,
+    n_train: int = 2000,
+    n_val: int = 250,
+    n_test: int = 250,
+    image_size: int = 128,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write ``out_dir/images/{i:05d}.png`` and ``out_dir/dataset.json`` (Karpathy format).
 
     Images ``0 .. n_train-1`` are train, then val, then test. Returns ``out_dir``. When
@@ -913,8 +1126,15 @@ def generate_synthetic_dataset(out_dir: str | Path, n_train: int = 2000, n_val: 
         raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out_dir)
     json_path = out / "dataset.json"
-    generator = {"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "n_train": n_train,
-                 "n_val": n_val, "n_test": n_test, "seed": seed, "image_size": image_size}
+    generator = {
+        "name": GENERATOR_NAME,
+        "version": GENERATOR_VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "image_size": image_size,
+    }
     if not overwrite and _existing_generator(json_path) == generator:
         return out
     image_dir = out / "images"
@@ -931,6 +1151,7 @@ def generate_synthetic_dataset(out_dir: str | Path, n_train: int = 2000, n_val: 
     for stale in image_dir.glob("*.png"):  # left over from a larger earlier generation
         if re.fullmatch(r"\d{5,}\.png", stale.name) and stale.name not in expected:
             stale.unlink()
-    _write_json_atomic(json_path, {"dataset": "synthetic", "generator": generator,
-                                   "images": records})
+    _write_json_atomic(
+        json_path, {"dataset": "synthetic", "generator": generator, "images": records}
+    )
     return out

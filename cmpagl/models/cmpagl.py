@@ -76,11 +76,18 @@ class CMPAGL(nn.Module):
     # -- encoders ---------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str], device: torch.device | None = None) -> dict:
         """Captions -> ``input_ids`` / ``attention_mask`` [B, L] (padded to the longest)."""
-        enc = self.tokenizer(list(captions), padding="longest", truncation=True,
-                             max_length=self.cfg.text.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self.cfg.text.max_length,
+            return_tensors="pt",
+        )
         device = device or self.temp.device
-        return {"input_ids": enc["input_ids"].to(device),
-                "attention_mask": enc["attention_mask"].to(device)}
+        return {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+        }
 
     def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
         if self.cfg.text.pooling == "cls":

@@ -74,7 +74,8 @@ class FeatureQueue(nn.Module):
             return
         image, text, ids = (gather_across_ranks(x) for x in (image, text, ids))
         n = min(image.shape[0], self.size)
-        image, text, ids = image[-n:], text[-n:], ids[-n:]
+        # Under autocast the embeddings arrive in bf16/fp16; the queue stays float32.
+        image, text, ids = image[-n:].to(self.image.dtype), text[-n:].to(self.text.dtype), ids[-n:]
         slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
         self.image[slots], self.text[slots], self.ids[slots] = image, text, ids
         self.ptr.copy_((self.ptr + n) % self.size)

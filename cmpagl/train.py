@@ -1,0 +1,987 @@
+"""The training engine: ``train(cfg)`` runs CMPAGL pre-training on the train split, validates
+ITC retrieval (mR) on the val split and keeps the best checkpoint (METHOD.md §2, §4).
+
+What it does, in order of a step:
+
+1. a batch of (image, one of its captions, image id) in a per-epoch order that is a pure function
+   of ``(seed, epoch)``; each sample's own randomness (caption choice, augmentation) is seeded by
+   ``(seed, epoch, image index)``, so neither workers nor resuming change what a step sees;
+2. :func:`cmpagl.objective.compute_losses` under autocast (CUDA only), backward, gradients
+   averaged over processes (``torchrun``), clipped, AdamW with two learning rates
+   (pretrained / new parameters) and a warm-up + cosine schedule;
+3. every ``log_every`` steps a JSONL line, every ``checkpoint_every`` steps a resumable ``last/``
+   checkpoint; at the end of every ``eval_every``-th epoch ITC mR on the val split and, if it
+   improved, ``best/``. The test split is never evaluated here.
+
+``train(cfg, resume=run_dir)`` continues from ``run_dir/last`` exactly where it stopped: the
+weights, momentum encoders and queue, optimizer, schedule, RNG streams and the rest of the
+epoch's data order all come from the checkpoint, so the resumed run matches an uninterrupted
+one (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from cmpagl.checkpoint import (
+    copy_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cmpagl.config import ExperimentConfig, TrainConfig, save_config, to_dict
+from cmpagl.data.dataset import CaptionDataset, DataError
+from cmpagl.data.torch_data import TrainPairs, make_loader
+from cmpagl.objective import compute_losses
+
+__all__ = [
+    "LOG_FILE",
+    "StepInfo",
+    "TrainResult",
+    "all_reduce_gradients",
+    "build_optimizer",
+    "build_scheduler",
+    "epoch_order",
+    "is_pretrained_param",
+    "lr_factor",
+    "param_groups",
+    "read_log",
+    "total_steps",
+    "train",
+]
+
+LOG_FILE = "train_log.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# Results and hooks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every process).
+
+    Epochs are 0-based indices: ``best_epoch = 1`` is the second epoch.
+    ``samples_per_s`` counts the samples of all processes over the time spent in training steps
+    of this call (validation and checkpoint writing excluded); ``wall_time_s`` is this call's.
+    """
+
+    best_r_mean: float | None
+    best_epoch: int | None
+    best_step: int | None
+    best_metrics: dict[str, float] | None
+    last_metrics: dict[str, float] | None
+    steps: int
+    output_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path
+    log_path: Path
+    wall_time_s: float
+    samples_per_s: float
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``train(..., on_step=...)`` after every optimizer step, on every process.
+
+    ``step`` counts optimizer steps from 1; ``epoch`` is the 0-based epoch the step belonged
+    to and ``position`` the batches of that epoch consumed so far (this one included).
+    Checkpoints due at this step are already written when the hook runs.
+    """
+
+    step: int
+    epoch: int
+    position: int
+    image_ids: Tensor
+    logs: dict[str, float]
+    model: nn.Module
+    rank: int
+    world_size: int
+
+
+StepHook = Callable[[StepInfo], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def is_pretrained_param(name: str, pretrained_visual: set[str]) -> bool:
+    """Whether parameter ``name`` starts from pretrained weights (BERT or ImageNet Swin).
+
+    Pretrained: all of ``text_encoder``; the self-attention and FFN of ``fusion_encoder``
+    (copied from BERT's upper layers), not its ``crossattention``; the ``visual`` names in
+    ``pretrained_visual`` (its local Swin path when ImageNet weights are used). Everything else
+    (GWG/GLWA/γ, cross-attention, projections, heads, ``temp``, ``image_to_text``) is new.
+    """
+    if name.startswith("text_encoder."):
+        return True
+    if name.startswith("fusion_encoder."):
+        return ".crossattention." not in name
+    return name in pretrained_visual
+
+
+def _no_decay(name: str, param: Tensor) -> bool:
+    # Biases, norm weights, γ and τ are vectors or scalars; the relative position bias tables
+    # are matrices that timm does not decay either.
+    return param.ndim <= 1 or "relative_position_bias_table" in name
+
+
+def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: {pretrained, new} x {decay, no decay}, empty ones left out.
+
+    Each group has ``name`` (``pretrained``, ``pretrained_no_decay``, ``new``,
+    ``new_no_decay``), ``params``, ``param_names``, ``lr`` and ``weight_decay``. Frozen
+    parameters (the momentum twins) are not included.
+    """
+    pretrained_visual: set[str] = set()
+    if cfg.model.gswin.pretrained:  # the local Swin path only; GWG/GLWA/γ are new
+        new_keys = set(model.visual.new_keys())
+        pretrained_visual = {
+            f"visual.{n}" for n, _ in model.visual.named_parameters() if n not in new_keys
+        }
+    lr = {"pretrained": cfg.train.lr_pretrained, "new": cfg.train.lr_new}
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "pretrained" if is_pretrained_param(name, pretrained_visual) else "new"
+        decay = not _no_decay(name, param)
+        key = kind if decay else f"{kind}_no_decay"
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "param_names": [],
+                "lr": lr[kind],
+                "weight_decay": cfg.train.weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    order = ["pretrained", "pretrained_no_decay", "new", "new_no_decay"]
+    return [groups[k] for k in order if k in groups]
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr_new)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier of 0-based optimizer step ``step``.
+
+    Linear warm-up ``(step + 1) / warmup`` for the first ``warmup`` steps (never 0, so no step
+    is wasted), then a cosine from 1 at step ``warmup`` to ``min_ratio`` at step ``total - 1``.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - 1 - warmup, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """``epochs x steps_per_epoch``, or ``max_steps`` when that is set and smaller."""
+    steps = cfg.epochs * steps_per_epoch
+    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> LambdaLR:
+    """:func:`lr_factor` as a ``LambdaLR`` (stepped once per optimizer step)."""
+    factor = functools.partial(
+        lr_factor, warmup=cfg.warmup_steps, total=total, min_ratio=cfg.min_lr_ratio
+    )
+    return LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    """Where this process runs: rank, world size and device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # initialised here, so destroyed here
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _setup_processes(cfg: TrainConfig) -> _Dist:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1), else nothing."""
+    device = _pick_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank=rank, world=world, device=device, owns_group=owns)
+
+
+@torch.no_grad()
+def all_reduce_gradients(
+    params: list[nn.Parameter], world: int, bucket_numel: int = 1 << 25
+) -> None:
+    """Average ``.grad`` over processes (sum / world); nothing when ``world == 1``.
+
+    A parameter without a gradient on some process (a loss term that had nothing to work on)
+    counts as zero there; one with no gradient anywhere keeps ``grad = None``, as in a single
+    process. Gradients travel in flat buckets: a few large collectives, not hundreds of small.
+    """
+    if world == 1 or not params:
+        return
+    has = torch.tensor(
+        [p.grad is not None for p in params], dtype=torch.int32, device=params[0].device
+    )
+    dist.all_reduce(has)
+    todo = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
+    for p in todo:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets(todo, bucket_numel):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+def _buckets(params: list[nn.Parameter], max_numel: int) -> Iterator[list[nn.Parameter]]:
+    """Consecutive runs of parameters of one dtype and device, at most ``max_numel`` each."""
+    bucket: list[nn.Parameter] = []
+    size = 0
+    for p in params:
+        if bucket and (
+            size + p.numel() > max_numel
+            or p.grad.dtype != bucket[0].grad.dtype
+            or p.device != bucket[0].device
+        ):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket
+
+
+@torch.no_grad()
+def _broadcast_model(model: nn.Module, ctx: _Dist) -> None:
+    """Every process starts from rank 0's weights (identical seeds should give them anyway)."""
+    if ctx.world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order and per-sample randomness
+# ----------------------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Image indices process ``rank`` trains on in ``epoch``: a ``DistributedSampler`` shard
+    (shuffled by ``seed + epoch``, tail dropped so shards are disjoint and equal in size).
+
+    With ``world == 1`` it is a plain seeded permutation; torch.distributed is not touched.
+    """
+    sampler = DistributedSampler(
+        range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1)[0])
+
+
+class _EpochPairs(Dataset):
+    """Item ``k``: :class:`TrainPairs` item ``order[k]``, with the caption choice and the
+    augmentation drawn from a torch RNG seeded by ``(seed, epoch, image index)``.
+
+    The global RNG is forked around each item, so the training process's own RNG stream (used
+    by dropout) does not depend on how many samples were loaded, nor on which worker loaded them.
+    """
+
+    def __init__(self, pairs: TrainPairs, order: list[int], seed: int, epoch: int) -> None:
+        self.pairs, self.order, self.seed, self.epoch = pairs, order, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple[Tensor, str, int]:
+        index = self.order[k]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, self.epoch, index))
+            return self.pairs[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # all CUDA devices too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """RNG states as tensors and plain values (``state.pt`` is read with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "random": {
+            "version": version,
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["gauss"],
+        )
+    )
+    py = state["random"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(obj: Any, ctx: _Dist) -> list[Any]:
+    if ctx.world == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+class _JsonLog:
+    """``train_log.jsonl``, one JSON object a line; only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps after ``step``: a resumed run rewrites them."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in keep), "utf-8")
+        os.replace(tmp, self.path)
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``train_log.jsonl`` (a run folder or the file); a torn last line, from a
+    process killed mid-write, is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_FILE
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+class _Meter:
+    """Sums of the step logs since the last log line (their means go into the line)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def means(self, ctx: _Dist) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.tensor([self.sums[k] / self.count for k in keys], dtype=torch.float64)
+        if ctx.world > 1:  # the mean over processes too
+            values = values.to(ctx.device)
+            dist.all_reduce(values)
+            values = values.cpu() / ctx.world
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values.tolist(), strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.count = dict(state["sums"]), int(state["count"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+# ----------------------------------------------------------------------------------------------
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16 (with a GradScaler); None (fp32) on the CPU."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _val_split(ds: CaptionDataset) -> CaptionDataset:
+    try:
+        return ds.split("val")
+    except DataError as err:
+        raise DataError(
+            f"{err}; model selection needs a val split: set data.val_from_train "
+            "to move that many train images into one"
+        ) from err
+
+
+@dataclass
+class _Data:
+    train: CaptionDataset
+    val: CaptionDataset
+    pairs: TrainPairs
+    eval_transform: Any
+
+
+def _load_data(cfg: ExperimentConfig, ctx: _Dist) -> _Data:
+    """Train and val splits; the test split is dropped here and never looked at in training."""
+    from cmpagl.data.build import dataset_from_config, transforms_from_config
+
+    if not ctx.main:  # rank 0 generates the synthetic dataset first; the others then read it
+        ctx.barrier()
+    ds = dataset_from_config(cfg.data)
+    if ctx.main:
+        ctx.barrier()
+    train_tf, eval_tf = transforms_from_config(cfg.data)
+    train_ds = ds.split("train")
+    return _Data(train_ds, _val_split(ds), TrainPairs(train_ds, train_tf), eval_tf)
+
+
+class _Run:
+    """One training run: model, optimizer, schedule, counters; methods fit on a screen each."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        ctx: _Dist,
+        model: nn.Module,
+        data: _Data,
+        on_step: StepHook | None,
+        config_path: str | None,
+    ) -> None:
+        self.cfg, self.ctx, self.model, self.data = cfg, ctx, model, data
+        self.on_step, self.config_path = on_step, config_path
+        self.out = Path(cfg.output_dir)
+        self.log = _JsonLog(self.out / LOG_FILE, ctx.main)
+        self._build_optimization()
+        # ITM negatives and MLM masks; its own stream, saved and restored with the others
+        self.generator = torch.Generator(device=ctx.device)
+        self.generator.manual_seed(cfg.seed + ctx.rank)
+        self.step = self.epoch = self.position = 0
+        self.order: list[list[int]] | None = None  # every rank's order of the current epoch
+        self.best: dict[str, Any] | None = None  # r_mean, epoch, step, metrics
+        self.last_val: dict[str, float] | None = None
+        self.meter = _Meter()
+        self.prior_wall = 0.0  # wall time of earlier (interrupted) calls
+        self.t0 = time.perf_counter()
+        self.step_time = 0.0
+        self.samples = 0
+
+    def _build_optimization(self) -> None:
+        """Optimizer, schedule over the run's total steps, AMP dtype and gradient scaler."""
+        tc, ctx = self.cfg.train, self.ctx
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        n_per_rank = len(epoch_order(self.data.train.num_images, 0, self.cfg.seed, 0, ctx.world))
+        self.steps_per_epoch = n_per_rank // tc.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size {tc.batch_size} is larger than the "
+                f"{n_per_rank} train images per process: no full batch"
+            )
+        self.total_steps = total_steps(tc, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
+        self.amp_dtype = _amp_dtype(tc, ctx.device)
+        # a scaler only for fp16: bf16 has fp32's range, so its gradients do not underflow
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+
+    # -- state ----------------------------------------------------------------------------
+    def _orders(self, epoch: int) -> list[list[int]]:
+        n = self.data.train.num_images
+        return [
+            epoch_order(n, epoch, self.cfg.seed, r, self.ctx.world) for r in range(self.ctx.world)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``state.pt`` content; call on every process (per-process RNG states are gathered)."""
+        local = {"rng": _rng_state(self.generator), "meter": self.meter.state_dict()}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_order": torch.tensor(self.order, dtype=torch.int64),
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.ctx.world,
+            "best": self.best,
+            "last_val": self.last_val,
+            "wall_time": self._wall(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "per_rank": _gather_objects(local, self.ctx),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.ctx.world:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} processes, "
+                f"this run has {self.ctx.world}: resume with the same number"
+            )
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.position = int(state["position"])
+        self.order = state["epoch_order"].tolist()
+        if max(max(o) for o in self.order) >= self.data.train.num_images:
+            raise ValueError("the train split is smaller than when the checkpoint was written")
+        self.best, self.last_val = state["best"], state["last_val"]
+        self.prior_wall = float(state["wall_time"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        local = state["per_rank"][self.ctx.rank]
+        self.meter.load_state_dict(local["meter"])
+        _set_rng_state(local["rng"], self.generator)  # last: nothing may draw after it
+
+    def _wall(self) -> float:
+        return self.prior_wall + time.perf_counter() - self.t0
+
+    def _done(self) -> bool:
+        return self.step >= self.total_steps
+
+    # -- loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Train until ``epochs`` or ``max_steps``; resumes from the current counters."""
+        while self.epoch < self.cfg.train.epochs and not self._done():
+            if self.order is None:
+                self.order = self._orders(self.epoch)
+            self._run_epoch()
+
+    def _loader(self) -> DataLoader:
+        """The rest of the current epoch: this process's order from ``position`` on."""
+        bs = self.cfg.train.batch_size
+        mine = self.order[self.ctx.rank][self.position * bs : self.steps_per_epoch * bs]
+        ds = _EpochPairs(self.data.pairs, mine, self.cfg.seed, self.epoch)
+        return make_loader(
+            ds,
+            bs,
+            shuffle=False,
+            num_workers=self.cfg.data.num_workers,
+            seed=self.cfg.seed + self.epoch,
+            drop_last=True,
+        )
+
+    def _run_epoch(self) -> None:
+        epoch = self.epoch
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.position,
+            desc=f"epoch {epoch}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (self.ctx.main and sys.stderr.isatty()),
+        )
+        try:
+            for images, captions, ids in self._loader():
+                logs = self._train_step(images, list(captions), ids)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['total']:.3f}")
+                self._after_step(epoch, ids, logs)
+                if self.epoch != epoch or self._done():
+                    break
+        finally:
+            bar.close()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, images: Tensor, captions: list[str], ids: Tensor) -> dict[str, float]:
+        """One optimizer step on a batch ``images [B, 3, H, W]``, B captions, ids ``[B]``."""
+        t = time.perf_counter()
+        images = images.to(self.ctx.device, non_blocking=True)
+        with self._autocast():
+            loss, logs = compute_losses(
+                self.model, images, captions, ids, self.cfg.loss, self.generator
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        all_reduce_gradients(self.params, self.ctx.world)  # before unscale: same on all ranks
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not self.scaler.is_enabled() and not math.isfinite(grad_norm):
+            # the norm is computed from averaged gradients, so every process stops here
+            raise FloatingPointError(
+                f"non-finite gradient norm at step {self.step + 1}: losses {logs}"
+            )
+        lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.position += 1
+        self.step_time += time.perf_counter() - t
+        self.samples += images.shape[0] * self.ctx.world
+        logs = {**logs, "grad_norm": grad_norm}
+        self.meter.add(logs)
+        if self.step % max(self.cfg.train.log_every, 1) == 0:
+            self._log_train(lrs)
+        return logs
+
+    def _log_train(self, lrs: dict[str, float]) -> None:
+        means = self.meter.means(self.ctx)  # collective: every process calls it
+        wall = self._wall()
+        rate = self.samples / self.step_time if self.step_time > 0 else 0.0
+        self.log.write(
+            {
+                "kind": "train",
+                "step": self.step,
+                "epoch": self.epoch,
+                "position": self.position,
+                **means,
+                **lrs,
+                "samples_per_s": rate,
+                "wall_time": wall,
+            }
+        )
+
+    def _after_step(self, epoch: int, ids: Tensor, logs: dict[str, float]) -> None:
+        """Epoch end, validation and checkpoints due after this step; then the hook."""
+        position = self.position
+        end_of_epoch = position == self.steps_per_epoch
+        if end_of_epoch:  # the counters move on first, so the checkpoint resumes the next epoch
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = self._orders(self.epoch)
+        every = max(self.cfg.train.eval_every, 1)
+        last_epoch = self.epoch == self.cfg.train.epochs
+        validate = (end_of_epoch and (self.epoch % every == 0 or last_epoch)) or self._done()
+        improved = self._validate(epoch, end_of_epoch) if validate else False
+        ckpt = self.cfg.train.checkpoint_every
+        if end_of_epoch or self._done() or (ckpt > 0 and self.step % ckpt == 0):
+            self._save(improved)
+        if self.on_step is not None:
+            self.on_step(
+                StepInfo(
+                    step=self.step,
+                    epoch=epoch,
+                    position=position,
+                    image_ids=ids,
+                    logs=logs,
+                    model=self.model,
+                    rank=self.ctx.rank,
+                    world_size=self.ctx.world,
+                )
+            )
+
+    # -- validation and checkpoints -------------------------------------------------------
+    def _validate(self, epoch: int, end_of_epoch: bool) -> bool:
+        """ITC mR on the val split (main process; shared with all); True if a new best."""
+        from cmpagl.retrieval import evaluate_itc
+
+        metrics = None
+        if self.ctx.main:
+            with self._autocast():
+                metrics = evaluate_itc(
+                    self.model,
+                    self.data.val,
+                    self.data.eval_transform,
+                    batch_size=self.cfg.retrieval.batch_size,
+                    num_workers=self.cfg.data.num_workers,
+                    device=self.ctx.device,
+                )
+            metrics = {k: float(v) for k, v in metrics.items()}
+        if self.ctx.world > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        self.last_val = metrics
+        improved = self.best is None or metrics["r_mean"] > self.best["r_mean"]
+        if improved:
+            self.best = {
+                "r_mean": metrics["r_mean"],
+                "epoch": epoch,
+                "step": self.step,
+                "metrics": metrics,
+            }
+        self.log.write(
+            {
+                "kind": "val",
+                "step": self.step,
+                "epoch": epoch,
+                "end_of_epoch": end_of_epoch,
+                **metrics,
+                "best": improved,
+                "wall_time": self._wall(),
+            }
+        )
+        return improved
+
+    def _meta(self, kind: str) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.ctx.world,
+            "config_path": self.config_path,
+            "best": self.best,
+        }
+
+    def _save(self, improved: bool) -> None:
+        """``last/`` (and ``best/`` if ``improved``); all processes call it, rank 0 writes.
+
+        A new best is written first and ``last/`` linked to it: a crash in between resumes
+        from the older ``last/``, which repeats the validation and so rewrites ``best/``.
+        """
+        state = self.state_dict()  # collective: gathers every process's RNG state
+        if self.ctx.main:
+            if improved:
+                save_checkpoint(
+                    self.out / "best",
+                    self.model,
+                    self.cfg,
+                    state,
+                    metrics=self.last_val,
+                    meta=self._meta("best"),
+                )
+                copy_checkpoint(self.out / "best", self.out / "last", meta={"kind": "last"})
+            else:
+                save_checkpoint(
+                    self.out / "last",
+                    self.model,
+                    self.cfg,
+                    state,
+                    metrics=self.last_val,
+                    meta=self._meta("last"),
+                )
+        self.ctx.barrier()
+
+    def result(self, wall: float) -> TrainResult:
+        best = self.best or {}
+        return TrainResult(
+            best_r_mean=best.get("r_mean"),
+            best_epoch=best.get("epoch"),
+            best_step=best.get("step"),
+            best_metrics=best.get("metrics"),
+            last_metrics=self.last_val,
+            steps=self.step,
+            output_dir=self.out,
+            last_checkpoint=self.out / "last",
+            best_checkpoint=self.out / "best",
+            log_path=self.out / LOG_FILE,
+            wall_time_s=wall,
+            samples_per_s=self.samples / self.step_time if self.step_time > 0 else 0.0,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _warn_config_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> None:
+    """Resuming with a different config is allowed (e.g. more epochs) but said out loud."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+
+    old, new = flat(to_dict(saved)), flat(to_dict(cfg))
+    changed = [
+        k.rstrip(".")
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k != "output_dir."
+    ]
+    if changed:
+        warnings.warn(
+            f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}",
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def _deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while training on the CPU, restored after.
+
+    With more than one thread some CPU kernels accumulate in a varying order, so two runs (or a
+    run and its resumption) drift apart by ~1e-7 from the second step on; their deterministic
+    versions cost nothing measurable here. On CUDA the mode would also need
+    CUBLAS_WORKSPACE_CONFIG and slower kernels, so it is left to the caller.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _prepare(
+    cfg: ExperimentConfig,
+    ctx: _Dist,
+    resume: str | os.PathLike[str] | None,
+    on_step: StepHook | None,
+    config_path: str | None,
+) -> _Run:
+    """Data, model, optimizer; the checkpoint's state when resuming."""
+    from cmpagl.models.cmpagl import build_model
+
+    resume_dir = find_checkpoint(resume, prefer="last") if resume is not None else None
+    data = _load_data(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = build_model(cfg.model).to(ctx.device)
+    _broadcast_model(model, ctx)
+    run = _Run(cfg, ctx, model, data, on_step, config_path)
+    _seed_everything(cfg.seed + ctx.rank)  # dropout differs between processes
+    if resume_dir is None:
+        return run
+    _, saved_cfg, state = load_checkpoint(resume_dir, model=model)
+    _warn_config_changes(saved_cfg, cfg)
+    run.load_state_dict(state)
+    run.log.truncate_after(run.step)
+    return run
+
+
+def train(
+    cfg: ExperimentConfig,
+    resume: str | os.PathLike[str] | None = None,
+    config_path: str | None = None,
+    *,
+    on_step: StepHook | None = None,
+) -> TrainResult:
+    """Train CMPAGL as ``cfg`` says; files go to ``cfg.output_dir`` (METHOD.md §2, §4).
+
+    Writes ``config.yaml``, ``train_log.jsonl`` (``"kind": "train"`` lines every
+    ``train.log_every`` steps, ``"kind": "val"`` lines after each validation), ``last/`` (every
+    ``train.checkpoint_every`` steps and at each epoch end) and ``best/`` (highest val
+    ``r_mean``; the test split is never evaluated). Under ``torchrun`` (WORLD_SIZE > 1) each
+    process trains on its shard with averaged gradients and only rank 0 writes files;
+    ``train.batch_size`` is per process.
+
+    Args:
+        cfg: the resolved experiment config.
+        resume: a run folder (its ``last/``) or checkpoint folder to continue from exactly;
+            ``cfg.output_dir`` still names where files go (normally the same run folder).
+        config_path: the YAML file ``cfg`` came from, recorded in ``meta.json``.
+        on_step: called with a :class:`StepInfo` after every optimizer step (live plots,
+            tests); it runs on every process.
+
+    Raises:
+        CheckpointError: ``resume`` holds no complete checkpoint.
+    """
+    t0 = time.perf_counter()
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = _setup_processes(cfg.train)
+    try:
+        with _deterministic_on_cpu(ctx.device):
+            run = _prepare(cfg, ctx, resume, on_step, config_path)
+            if ctx.main:
+                run.out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run.out / "config.yaml")
+            run.run()
+            ctx.barrier()
+            return run.result(time.perf_counter() - t0)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()

@@ -1,0 +1,152 @@
+"""Train and evaluate configs over several seeds; print mean ± std of the test metrics.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/seeds_table.py \
+        --config configs/ucm_cpu_baseline.yaml --config configs/ucm_cpu.yaml \
+        --seeds 0 1 2 --set train.epochs=10 --out runs/table_ucm
+
+Each (config, seed) trains into ``<out>/<config stem>/seed<k>`` (model selection on val only,
+see :mod:`cmpagl.train`), then the best checkpoint is evaluated on the test split with
+no re-ranking, ITM and SMR (SMR's parameters chosen on val). A finished (config, seed) is
+skipped when run again, so an interrupted table resumes. The summary goes to
+``<out>/summary.json`` and ``<out>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cmpagl.checkpoint import load_checkpoint
+from cmpagl.config import load_config, to_dict
+from cmpagl.evaluate import evaluate_model
+from cmpagl.train import train
+
+KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+RERANKERS = ("none", "itm", "smr", "itm+smr")
+
+
+def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
+    run_dir = out / Path(config).stem / f"seed{seed}"
+    done = run_dir / "table_entry.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(config, overrides=[*overrides, f"seed={seed}", f"output_dir={run_dir}"])
+    resume = run_dir if (run_dir / "last").is_dir() else None
+    result = train(cfg, resume=resume, config_path=config)
+    model, cfg, _ = load_checkpoint(run_dir, prefer="best")
+    ev = evaluate_model(
+        model.eval(),
+        cfg,
+        "test",
+        RERANKERS,
+        checkpoint=str(run_dir / "best"),
+        out_dir=run_dir,
+        save_scores=False,
+    )
+    entry = {
+        "config": config,
+        "seed": seed,
+        "overrides": overrides,
+        "best_val_r_mean": result.best_r_mean,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "samples_per_s": result.samples_per_s,
+        "test": {r: {k: ev["metrics"][r][k] for k in KEYS} for r in RERANKERS},
+        "oracle_r_mean": ev["oracle"]["oracle_r_mean"],
+        "smr_params": {r: ev["smr"][r]["params"] for r in ("smr", "itm+smr")},
+        "rerank_s": ev["timings"]["rerank_s"],
+        "config_resolved": to_dict(cfg),
+    }
+    done.write_text(json.dumps(entry, indent=1))
+    return entry
+
+
+def summarize(entries: list[dict]) -> tuple[dict, str]:
+    by_config: dict[str, list[dict]] = {}
+    for e in entries:
+        by_config.setdefault(e["config"], []).append(e)
+
+    def ms(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+    summary, lines = {}, []
+    lines.append(
+        "| config | seeds | "
+        + " | ".join(f"mR {r}" for r in RERANKERS)
+        + " | val mR | wall time (s) | samples/s |"
+    )
+    lines.append("|---" * (4 + len(RERANKERS)) + "|")
+    for config, es in by_config.items():
+        row = {r: [e["test"][r]["r_mean"] for e in es] for r in RERANKERS}
+        summary[config] = {
+            "seeds": [e["seed"] for e in es],
+            "test_r_mean": {
+                r: {
+                    "mean": statistics.mean(v),
+                    "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                    "values": v,
+                }
+                for r, v in row.items()
+            },
+            "test_metrics_mean": {
+                r: {k: statistics.mean(e["test"][r][k] for e in es) for k in KEYS}
+                for r in RERANKERS
+            },
+            "val_r_mean": [e["best_val_r_mean"] for e in es],
+            "wall_time_s": [e["wall_time_s"] for e in es],
+            "samples_per_s": [e["samples_per_s"] for e in es],
+            "oracle_r_mean": es[0]["oracle_r_mean"],
+        }
+        lines.append(
+            f"| {Path(config).stem} | {len(es)} | "
+            + " | ".join(ms(row[r]) for r in RERANKERS)
+            + f" | {ms([e['best_val_r_mean'] for e in es])}"
+            + f" | {statistics.mean(e['wall_time_s'] for e in es):.0f}"
+            + f" | {statistics.mean(e['samples_per_s'] for e in es):.1f} |"
+        )
+    return summary, "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="override for every run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for seed in args.seeds:  # seed-major: a partial table still compares the configs
+        for config in args.config:
+            t = time.time()
+            entries.append(run_one(config, seed, args.set, out))
+            print(
+                f"{config} seed {seed}: test mR {entries[-1]['test']['none']['r_mean']:.2f} "
+                f"({time.time() - t:.0f} s)",
+                flush=True,
+            )
+            summary, table = summarize(entries)
+            hw = {
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            }
+            (out / "summary.json").write_text(
+                json.dumps({"hardware": hw, "overrides": args.set, "configs": summary}, indent=1)
+            )
+            (out / "summary.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

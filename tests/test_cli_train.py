@@ -1,0 +1,106 @@
+"""``cmpagl train`` -> ``evaluate`` -> ``retrieve`` end to end on a tiny model (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cmpagl.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_args(small_synthetic, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli_run")
+    sets = [
+        f"output_dir={run}",
+        f"data.root={small_synthetic}",
+        "data.image_size=64",
+        "data.synthetic_n_train=40",
+        "data.synthetic_n_val=10",
+        "data.synthetic_n_test=10",
+        "data.synthetic_seed=3",
+        "model.gswin.img_size=64",
+        "model.gswin.embed_dim=16",
+        "model.gswin.depths=[2,2]",
+        "model.gswin.num_heads=[2,4]",
+        "model.queue_size=32",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "train.warmup_steps=2",
+        "retrieval.smr_grid_tau=[0.05]",
+        "retrieval.smr_grid_k=[5]",
+        "retrieval.smr_grid_lambda=[0.1]",
+        "retrieval.itm_k=4",
+    ]
+    args = ["train", "--config", "configs/synthetic_tiny.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    return run, args
+
+
+def test_train_evaluate_retrieve(
+    tiny_args, small_synthetic, repo_root, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.chdir(repo_root)
+    run, args = tiny_args
+    assert main(args) == 0
+    assert "best val r_mean" in capsys.readouterr().out
+    assert (run / "best" / "model.safetensors").is_file()
+
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run),
+                "--rerank",
+                "none,itm,smr",
+                "--out",
+                str(tmp_path),
+                "--no-scores",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "itm" in out and "oracle bound" in out
+    result = json.loads((tmp_path / "results_test.json").read_text())
+    assert set(result["metrics"]) == {"none", "itm", "smr"}
+    assert 0 <= result["metrics"]["none"]["r_mean"] <= 100
+
+    gallery = tmp_path / "g.png"
+    assert (
+        main(
+            [
+                "retrieve",
+                "--checkpoint",
+                str(run),
+                "--text",
+                "two white planes",
+                "--top",
+                "3",
+                "--gallery",
+                str(gallery),
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(".")[0].strip() for line in lines[1:4]] == ["1", "2", "3"]
+    assert gallery.stat().st_size > 1000
+    image = small_synthetic / "images" / "00000.png"
+    assert main(["retrieve", "--checkpoint", str(run), "--image", str(image), "--top", "2"]) == 0
+    assert "captions of the test split" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("cmpagl: error:")
+    assert main(["train", "--config", "configs/synthetic_tiny.yaml", "--set", "train.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.lr'" in err and err.count("\n") == 1
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--rerank", "magic"]) == 2
+    assert "unknown re-ranker(s) magic" in capsys.readouterr().err
+    assert main(["retrieve", "--checkpoint", str(tmp_path)]) == 2
+    assert "exactly one of --text or --image" in capsys.readouterr().err
