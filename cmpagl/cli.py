@@ -122,13 +122,15 @@ def _load_for_eval(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cmpagl.evaluate import DEFAULT_RERANKERS, RERANKERS, evaluate_model
 
-    rerank = [r for item in args.rerank for r in item.split(",") if r] or DEFAULT_RERANKERS
+    rerank = [r for item in args.rerank for r in item.split(",") if r]
     unknown = [r for r in rerank if r not in RERANKERS]
     if unknown:
         raise _UsageError(
             f"unknown re-ranker(s) {', '.join(unknown)}; known: {', '.join(RERANKERS)}"
         )
     model, cfg, device = _load_for_eval(args)
+    if not rerank:  # an ITM head that was never trained (w_itm = 0) would only add noise
+        rerank = [r for r in DEFAULT_RERANKERS if cfg.loss.w_itm > 0 or "itm" not in r]
     result = evaluate_model(
         model,
         cfg,
@@ -223,7 +225,8 @@ def _add_train_parsers(sub) -> None:
                 action="append",
                 default=[],
                 help="re-rankers (repeatable or comma-separated): none, itm, smr, "
-                "itm+smr, dual_softmax, inverted_softmax, galr; default all",
+                "itm+smr, dual_softmax, inverted_softmax, galr; default all but "
+                "inverted_softmax (ITM ones only for models trained with ITM)",
             )
             p.add_argument("--out", help="folder for results_<split>.json (default: checkpoint)")
             p.add_argument(

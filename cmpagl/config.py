@@ -267,7 +267,8 @@ class RetrievalConfig:
     smr_grid_lambda: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
     # Dual softmax baseline temperature.
     dual_softmax_tau: float = 0.01
-    # GaLR multivariate re-rank (Yuan et al. 2022): neighbourhood size and weights.
+    # GaLR multivariate re-rank (Yuan et al. 2022): candidates per query (its weights are the
+    # defaults of cmpagl.rerank.galr_rerank).
     galr_k: int = 10
 
 
@@ -286,6 +287,15 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def __post_init__(self) -> None:
+        # The one cross-section constraint: the encoder's input side is the images' side.
+        if self.model.gswin.img_size != self.data.image_size:
+            raise ConfigError(
+                f"model.gswin.img_size ({self.model.gswin.img_size}) must equal "
+                f"data.image_size ({self.data.image_size})",
+                key="model.gswin.img_size",
+            )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ everything else below it in ITC order, so every re-ranker returns a :class:`Rank
 image->text metrics from ``i2t`` and the text->image metrics from ``t2i``.
 
 **Ties.** Identical captions get identical embeddings and tie exactly (METHOD §4;
-:func:`cmpagl.evaluate.tie_identical_captions` makes sure of it). Each query's "top-k" is every
-candidate scoring at least its k-th highest score (ties at the boundary are all kept), ITM is
-evaluated once per (image, caption text), and GaLR uses competition ranks, so no re-ranker
+:func:`cmpagl.retrieval.embed_split` encodes each distinct string once). Each query's
+"top-k" is every candidate scoring at least its k-th highest score (ties at the boundary are
+all kept), ITM is evaluated once per (image, caption text), and GaLR uses competition ranks,
+so no re-ranker
 breaks a tie by the order of the caption file.
 
 Outputs are float64: the offset that keeps non-candidates below the candidates, and the small

@@ -40,11 +40,13 @@ def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
     resume = run_dir if (run_dir / "last").is_dir() else None
     result = train(cfg, resume=resume, config_path=config)
     model, cfg, _ = load_checkpoint(run_dir, prefer="best")
+    # A model trained without ITM (the dual-encoder baseline) has no trained ITM head.
+    rerankers = [r for r in RERANKERS if cfg.loss.w_itm > 0 or "itm" not in r]
     ev = evaluate_model(
         model.eval(),
         cfg,
         "test",
-        RERANKERS,
+        rerankers,
         checkpoint=str(run_dir / "best"),
         out_dir=run_dir,
         save_scores=False,
@@ -58,9 +60,9 @@ def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
         "steps": result.steps,
         "wall_time_s": result.wall_time_s,
         "samples_per_s": result.samples_per_s,
-        "test": {r: {k: ev["metrics"][r][k] for k in KEYS} for r in RERANKERS},
+        "test": {r: {k: ev["metrics"][r][k] for k in KEYS} for r in rerankers},
         "oracle_r_mean": ev["oracle"]["oracle_r_mean"],
-        "smr_params": {r: ev["smr"][r]["params"] for r in ("smr", "itm+smr")},
+        "smr_params": {r: ev["smr"][r]["params"] for r in ev["smr"]},
         "rerank_s": ev["timings"]["rerank_s"],
         "config_resolved": to_dict(cfg),
     }
@@ -85,7 +87,14 @@ def summarize(entries: list[dict]) -> tuple[dict, str]:
     )
     lines.append("|---" * (4 + len(RERANKERS)) + "|")
     for config, es in by_config.items():
-        row = {r: [e["test"][r]["r_mean"] for e in es] for r in RERANKERS}
+        # (an entry of an older run may hold ITM columns of a baseline: they are not shown)
+        used = [r for r in RERANKERS if all(r in e["test"] for e in es)]
+        if (
+            "w_itm" in es[0]["config_resolved"]["loss"]
+            and not es[0]["config_resolved"]["loss"]["w_itm"]
+        ):
+            used = [r for r in used if "itm" not in r]
+        row = {r: [e["test"][r]["r_mean"] for e in es] for r in used}
         summary[config] = {
             "seeds": [e["seed"] for e in es],
             "test_r_mean": {
