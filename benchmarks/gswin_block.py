@@ -15,6 +15,8 @@ design target ≤ 1.3× Swin's time applies to); and extra rows for the other GW
 - ms f+b: median wall time of forward + backward over ``--repeats`` after ``--warmup`` runs,
   with ``torch.set_num_threads(--threads)``; the rows take turns within each repeat, so other
   load on the machine slows every row alike (the load average is printed before and after).
+  The "gswin off" row runs the same computation as Swin, so its time ratio shows the noise;
+  on a shared 2-core machine ``--threads 1`` is far steadier than 2 oversubscribed threads.
 - peak MiB: peak of live CPU tensor memory (parameters, input, activations, gradients) during
   one forward + backward, from ``torch.profiler``'s memory timeline (allocator-level, not RSS).
 - saved MiB: activations saved for backward (distinct storages, parameters excluded), via
@@ -195,8 +197,15 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, median of {args.repeats} interleaved repeats after "
         f"{args.warmup} warm-up; load average before: {os.getloadavg()[0]:.2f}"
     )
-    print_table(measure_all(args))
-    print(f"load average after: {os.getloadavg()[0]:.2f} (above --threads: contended timings)")
+    rows = measure_all(args)
+    print_table(rows)
+    # "gswin off" runs the same computation as timm's block: its time ratio is the noise floor.
+    noise = abs(rows[1]["ms"] / rows[0]["ms"] - 1)
+    print(
+        f"load average after: {os.getloadavg()[0]:.2f}; 'gswin off' vs swin time differs by "
+        f"{100 * noise:.0f}%"
+        + (" -- contended: rerun on a quiet machine or with --threads 1" if noise > 0.05 else "")
+    )
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_forward_tokens_shape_tiny_preset():
 
 
 def test_forward_tokens_shape_swin_t_preset():
-    cfg = gswin_config("swin_t", pretrained=None)
+    cfg = gswin_config("swin_t", pretrained=None, depths=(1, 1, 1, 1))  # widths decide shapes
     model = build_gswin(cfg).eval()
     with torch.no_grad():
         tokens = model.forward_tokens(images(cfg, batch=1))
