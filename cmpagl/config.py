@@ -288,14 +288,20 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
-    def __post_init__(self) -> None:
-        # The one cross-section constraint: the encoder's input side is the images' side.
-        if self.model.gswin.img_size != self.data.image_size:
-            raise ConfigError(
-                f"model.gswin.img_size ({self.model.gswin.img_size}) must equal "
-                f"data.image_size ({self.data.image_size})",
-                key="model.gswin.img_size",
-            )
+
+def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Constraints across sections, checked where a model meets data (train, evaluate).
+
+    Raises:
+        ConfigError: ``model.gswin.img_size`` differs from ``data.image_size``.
+    """
+    if cfg.model.gswin.img_size != cfg.data.image_size:
+        raise ConfigError(
+            f"model.gswin.img_size ({cfg.model.gswin.img_size}) must equal "
+            f"data.image_size ({cfg.data.image_size})",
+            key="model.gswin.img_size",
+        )
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------

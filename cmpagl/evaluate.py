@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from cmpagl.checkpoint import git_commit
-from cmpagl.config import ExperimentConfig, to_dict
+from cmpagl.config import ExperimentConfig, check_experiment, to_dict
 from cmpagl.data.build import dataset_from_config, transforms_from_config
 from cmpagl.metrics import i2t_ranks, oracle_upper_bound, t2i_ranks
 from cmpagl.models.cmpagl import CMPAGL
@@ -262,6 +262,7 @@ def evaluate_model(
     Returns:
         The content of ``results_<split>.json`` as a dict.
     """
+    check_experiment(cfg)
     names = _check_rerankers(rerankers)
     device = torch.device(device)
     model.to(device)

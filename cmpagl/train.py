@@ -50,7 +50,7 @@ from cmpagl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from cmpagl.config import ExperimentConfig, TrainConfig, save_config, to_dict
+from cmpagl.config import ExperimentConfig, TrainConfig, check_experiment, save_config, to_dict
 from cmpagl.data.dataset import CaptionDataset, DataError
 from cmpagl.data.torch_data import TrainPairs, make_loader
 from cmpagl.objective import compute_losses
@@ -969,6 +969,7 @@ def train(
     Raises:
         CheckpointError: ``resume`` holds no complete checkpoint.
     """
+    check_experiment(cfg)
     t0 = time.perf_counter()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

@@ -340,3 +340,15 @@ def test_save_then_load_round_trip(tmp_path: Path) -> None:
     # "yes" must be quoted on disk so that it reads back as a str under any YAML schema.
     assert "name: 'yes'" in out.read_text(encoding="utf-8")
     assert load_config(out) == cfg
+
+
+def test_image_size_must_match_the_encoder() -> None:
+    from cmpagl.config import check_experiment
+
+    cfg = from_dict(ExperimentConfig, {"data": {"image_size": 64}})
+    with pytest.raises(ConfigError, match=r"model.gswin.img_size \(128\) must equal"):
+        check_experiment(cfg)
+    ok = from_dict(
+        ExperimentConfig, {"data": {"image_size": 64}, "model": {"gswin": {"img_size": 64}}}
+    )
+    assert check_experiment(ok) is ok
