@@ -21,6 +21,19 @@ SMALL = {
         "synthetic_root": str(synthetic),
         "batch_size": 4,
     },
+    "03_train_and_retrieve.ipynb": lambda tmp, synthetic: {
+        "max_steps": 3,
+        "batch_size": 8,
+        "output_dir": str(tmp / "run"),
+        "overrides": [
+            f"data.root={synthetic}", "data.image_size=64", "data.synthetic_n_train=40",
+            "data.synthetic_n_val=10", "data.synthetic_n_test=10", "data.synthetic_seed=3",
+            "model.gswin.img_size=64", "model.gswin.embed_dim=16", "model.gswin.depths=[2,2]",
+            "model.gswin.num_heads=[2,4]", "model.queue_size=32", "retrieval.itm_k=4",
+            "retrieval.smr_grid_tau=[0.05]", "retrieval.smr_grid_k=[5]",
+            "retrieval.smr_grid_lambda=[0.1]",
+        ],
+    },
 }
 
 
