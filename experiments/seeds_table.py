@@ -85,7 +85,7 @@ def summarize(entries: list[dict]) -> tuple[dict, str]:
         + " | ".join(f"mR {r}" for r in RERANKERS)
         + " | val mR | wall time (s) | samples/s |"
     )
-    lines.append("|---" * (4 + len(RERANKERS)) + "|")
+    lines.append("|---" * (5 + len(RERANKERS)) + "|")
     for config, es in by_config.items():
         # (an entry of an older run may hold ITM columns of a baseline: they are not shown)
         used = [r for r in RERANKERS if all(r in e["test"] for e in es)]
@@ -116,7 +116,7 @@ def summarize(entries: list[dict]) -> tuple[dict, str]:
         }
         lines.append(
             f"| {Path(config).stem} | {len(es)} | "
-            + " | ".join(ms(row[r]) for r in RERANKERS)
+            + " | ".join(ms(row[r]) if r in row else "–" for r in RERANKERS)
             + f" | {ms([e['best_val_r_mean'] for e in es])}"
             + f" | {statistics.mean(e['wall_time_s'] for e in es):.0f}"
             + f" | {statistics.mean(e['samples_per_s'] for e in es):.1f} |"
