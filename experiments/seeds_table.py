@@ -107,7 +107,7 @@ def summarize(entries: list[dict]) -> tuple[dict, str]:
             },
             "test_metrics_mean": {
                 r: {k: statistics.mean(e["test"][r][k] for e in es) for k in KEYS}
-                for r in RERANKERS
+                for r in used
             },
             "val_r_mean": [e["best_val_r_mean"] for e in es],
             "wall_time_s": [e["wall_time_s"] for e in es],
