@@ -4,7 +4,6 @@ writes files."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from test_train import tiny_config  # tests/ is on sys.path under pytest
 
 from cmpagl.config import ExperimentConfig, save_config
 from cmpagl.train import read_log
@@ -22,25 +22,18 @@ PER_RANK_BATCH = 4
 
 
 def _config(data_root: Path, output_dir: Path) -> ExperimentConfig:
-    cfg = ExperimentConfig(seed=0, output_dir=str(output_dir))
-    cfg.data = dataclasses.replace(
-        cfg.data, name="tiny", root=str(data_root), image_size=32, num_workers=0
-    )
-    cfg.model.gswin = dataclasses.replace(
-        cfg.model.gswin, img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
-    )
-    cfg.model.queue_size = 16
-    # 20 images a process / 4 = 5 steps an epoch: max_steps 3 stops mid-epoch
-    cfg.train = dataclasses.replace(
-        cfg.train,
+    # The tiny experiment of test_train; 20 images a process / 4 = 5 steps an epoch, so
+    # max_steps 3 stops mid-epoch.
+    return tiny_config(
+        data_root,
+        output_dir,
         epochs=1,
         batch_size=PER_RANK_BATCH,
         max_steps=3,
         warmup_steps=1,
-        log_every=1,
+        checkpoint_every=0,
         num_threads=1,
     )
-    return cfg
 
 
 @pytest.fixture(scope="module")
