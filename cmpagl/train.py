@@ -8,7 +8,7 @@ What it does, in order of a step:
    ``(seed, epoch, image index)``, so neither workers nor resuming change what a step sees;
 2. :func:`cmpagl.objective.compute_losses` under autocast (CUDA only), backward, gradients
    averaged over processes (``torchrun``), clipped, AdamW with two learning rates
-   (pretrained / new parameters) and a warm-up + cosine schedule;
+   (pretrained / new parameters, :mod:`cmpagl.optim`) and a warm-up + cosine schedule;
 3. every ``log_every`` steps a JSONL line, every ``checkpoint_every`` steps a resumable ``last/``
    checkpoint; at the end of every ``eval_every``-th epoch ITC mR on the val split and, if it
    improved, ``best/``. The test split is never evaluated here.
@@ -22,12 +22,8 @@ one (bit for bit on the CPU).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -40,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -53,25 +48,23 @@ from cmpagl.checkpoint import (
 from cmpagl.config import ExperimentConfig, TrainConfig, check_experiment, save_config, to_dict
 from cmpagl.data.dataset import CaptionDataset, DataError
 from cmpagl.data.torch_data import TrainPairs, make_loader
+from cmpagl.distributed import (
+    Dist,
+    all_reduce_gradients,
+    broadcast_model,
+    gather_objects,
+    setup_processes,
+)
 from cmpagl.objective import compute_losses
+from cmpagl.optim import build_optimizer, build_scheduler, total_steps
+from cmpagl.runlog import LOG_FILE, JsonLog, Meter, rng_state, seed_everything, set_rng_state
 
 __all__ = [
-    "LOG_FILE",
     "StepInfo",
     "TrainResult",
-    "all_reduce_gradients",
-    "build_optimizer",
-    "build_scheduler",
     "epoch_order",
-    "is_pretrained_param",
-    "lr_factor",
-    "param_groups",
-    "read_log",
-    "total_steps",
     "train",
 ]
-
-LOG_FILE = "train_log.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,203 +115,6 @@ class StepInfo:
 
 
 StepHook = Callable[[StepInfo], None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# ----------------------------------------------------------------------------------------------
-
-
-def is_pretrained_param(name: str, pretrained_visual: set[str]) -> bool:
-    """Whether parameter ``name`` starts from pretrained weights (BERT or ImageNet Swin).
-
-    Pretrained: all of ``text_encoder``; the self-attention and FFN of ``fusion_encoder``
-    (copied from BERT's upper layers), not its ``crossattention``; the ``visual`` names in
-    ``pretrained_visual`` (its local Swin path when ImageNet weights are used). Everything else
-    (GWG/GLWA/γ, cross-attention, projections, heads, ``temp``, ``image_to_text``) is new.
-    """
-    if name.startswith("text_encoder."):
-        return True
-    if name.startswith("fusion_encoder."):
-        return ".crossattention." not in name
-    return name in pretrained_visual
-
-
-def _no_decay(name: str, param: Tensor) -> bool:
-    # Biases, norm weights, γ and τ are vectors or scalars; the relative position bias tables
-    # are matrices that timm does not decay either.
-    return param.ndim <= 1 or "relative_position_bias_table" in name
-
-
-def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: {pretrained, new} x {decay, no decay}, empty ones left out.
-
-    Each group has ``name`` (``pretrained``, ``pretrained_no_decay``, ``new``,
-    ``new_no_decay``), ``params``, ``param_names``, ``lr`` and ``weight_decay``. Frozen
-    parameters (the momentum twins) are not included.
-    """
-    pretrained_visual: set[str] = set()
-    if cfg.model.gswin.pretrained:  # the local Swin path only; GWG/GLWA/γ are new
-        new_keys = set(model.visual.new_keys())
-        pretrained_visual = {
-            f"visual.{n}" for n, _ in model.visual.named_parameters() if n not in new_keys
-        }
-    lr = {"pretrained": cfg.train.lr_pretrained, "new": cfg.train.lr_new}
-    groups: dict[str, dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        kind = "pretrained" if is_pretrained_param(name, pretrained_visual) else "new"
-        decay = not _no_decay(name, param)
-        key = kind if decay else f"{kind}_no_decay"
-        group = groups.setdefault(
-            key,
-            {
-                "name": key,
-                "params": [],
-                "param_names": [],
-                "lr": lr[kind],
-                "weight_decay": cfg.train.weight_decay if decay else 0.0,
-            },
-        )
-        group["params"].append(param)
-        group["param_names"].append(name)
-    order = ["pretrained", "pretrained_no_decay", "new", "new_no_decay"]
-    return [groups[k] for k in order if k in groups]
-
-
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr_new)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier of 0-based optimizer step ``step``.
-
-    Linear warm-up ``(step + 1) / warmup`` for the first ``warmup`` steps (never 0, so no step
-    is wasted), then a cosine from 1 at step ``warmup`` to ``min_ratio`` at step ``total - 1``.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - 1 - warmup, 1), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """``epochs x steps_per_epoch``, or ``max_steps`` when that is set and smaller."""
-    steps = cfg.epochs * steps_per_epoch
-    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> LambdaLR:
-    """:func:`lr_factor` as a ``LambdaLR`` (stepped once per optimizer step)."""
-    factor = functools.partial(
-        lr_factor, warmup=cfg.warmup_steps, total=total, min_ratio=cfg.min_lr_ratio
-    )
-    return LambdaLR(optimizer, factor)
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    """Where this process runs: rank, world size and device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # initialised here, so destroyed here
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _setup_processes(cfg: TrainConfig) -> _Dist:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1), else nothing."""
-    device = _pick_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank=rank, world=world, device=device, owns_group=owns)
-
-
-@torch.no_grad()
-def all_reduce_gradients(
-    params: list[nn.Parameter], world: int, bucket_numel: int = 1 << 25
-) -> None:
-    """Average ``.grad`` over processes (sum / world); nothing when ``world == 1``.
-
-    A parameter without a gradient on some process (a loss term that had nothing to work on)
-    counts as zero there; one with no gradient anywhere keeps ``grad = None``, as in a single
-    process. Gradients travel in flat buckets: a few large collectives, not hundreds of small.
-    """
-    if world == 1 or not params:
-        return
-    has = torch.tensor(
-        [p.grad is not None for p in params], dtype=torch.int32, device=params[0].device
-    )
-    dist.all_reduce(has)
-    todo = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
-    for p in todo:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for bucket in _buckets(todo, bucket_numel):
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for p in bucket:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-
-
-def _buckets(params: list[nn.Parameter], max_numel: int) -> Iterator[list[nn.Parameter]]:
-    """Consecutive runs of parameters of one dtype and device, at most ``max_numel`` each."""
-    bucket: list[nn.Parameter] = []
-    size = 0
-    for p in params:
-        if bucket and (
-            size + p.numel() > max_numel
-            or p.grad.dtype != bucket[0].grad.dtype
-            or p.device != bucket[0].device
-        ):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(p)
-        size += p.numel()
-    if bucket:
-        yield bucket
-
-
-@torch.no_grad()
-def _broadcast_model(model: nn.Module, ctx: _Dist) -> None:
-    """Every process starts from rank 0's weights (identical seeds should give them anyway)."""
-    if ctx.world > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data order and per-sample randomness
 # ----------------------------------------------------------------------------------------------
@@ -363,142 +159,6 @@ class _EpochPairs(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG state
-# ----------------------------------------------------------------------------------------------
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # all CUDA devices too
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """RNG states as tensors and plain values (``state.pt`` is read with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "random": {
-            "version": version,
-            "state": torch.tensor(py_state, dtype=torch.int64),
-            "gauss": py_gauss,
-        },
-        "generator": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["gauss"],
-        )
-    )
-    py = state["random"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_objects(obj: Any, ctx: _Dist) -> list[Any]:
-    if ctx.world == 1:
-        return [obj]
-    out: list[Any] = [None] * ctx.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-class _JsonLog:
-    """``train_log.jsonl``, one JSON object a line; only the main process writes."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=_jsonable) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step``: a resumed run rewrites them."""
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in keep), "utf-8")
-        os.replace(tmp, self.path)
-
-
-def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl`` (a run folder or the file); a torn last line, from a
-    process killed mid-write, is skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_FILE
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
-
-
-class _Meter:
-    """Sums of the step logs since the last log line (their means go into the line)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, logs: dict[str, float]) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
-
-    def means(self, ctx: _Dist) -> dict[str, float]:
-        keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / self.count for k in keys], dtype=torch.float64)
-        if ctx.world > 1:  # the mean over processes too
-            values = values.to(ctx.device)
-            dist.all_reduce(values)
-            values = values.cpu() / ctx.world
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, values.tolist(), strict=True))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "count": self.count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums, self.count = dict(state["sums"]), int(state["count"])
-
-
-# ----------------------------------------------------------------------------------------------
 # The training run
 # ----------------------------------------------------------------------------------------------
 
@@ -528,7 +188,7 @@ class _Data:
     eval_transform: Any
 
 
-def _load_data(cfg: ExperimentConfig, ctx: _Dist) -> _Data:
+def _load_data(cfg: ExperimentConfig, ctx: Dist) -> _Data:
     """Train and val splits; the test split is dropped here and never looked at in training."""
     from cmpagl.data.build import dataset_from_config, transforms_from_config
 
@@ -548,7 +208,7 @@ class _Run:
     def __init__(
         self,
         cfg: ExperimentConfig,
-        ctx: _Dist,
+        ctx: Dist,
         model: nn.Module,
         data: _Data,
         on_step: StepHook | None,
@@ -557,7 +217,7 @@ class _Run:
         self.cfg, self.ctx, self.model, self.data = cfg, ctx, model, data
         self.on_step, self.config_path = on_step, config_path
         self.out = Path(cfg.output_dir)
-        self.log = _JsonLog(self.out / LOG_FILE, ctx.main)
+        self.log = JsonLog(self.out / LOG_FILE, ctx.main)
         self._build_optimization()
         # ITM negatives and MLM masks; its own stream, saved and restored with the others
         self.generator = torch.Generator(device=ctx.device)
@@ -566,7 +226,7 @@ class _Run:
         self.order: list[list[int]] | None = None  # every rank's order of the current epoch
         self.best: dict[str, Any] | None = None  # r_mean, epoch, step, metrics
         self.last_val: dict[str, float] | None = None
-        self.meter = _Meter()
+        self.meter = Meter()
         self.prior_wall = 0.0  # wall time of earlier (interrupted) calls
         self.t0 = time.perf_counter()
         self.step_time = 0.0
@@ -599,7 +259,7 @@ class _Run:
 
     def state_dict(self) -> dict[str, Any]:
         """``state.pt`` content; call on every process (per-process RNG states are gathered)."""
-        local = {"rng": _rng_state(self.generator), "meter": self.meter.state_dict()}
+        local = {"rng": rng_state(self.generator), "meter": self.meter.state_dict()}
         return {
             "step": self.step,
             "epoch": self.epoch,
@@ -613,7 +273,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "per_rank": _gather_objects(local, self.ctx),
+            "per_rank": gather_objects(local, self.ctx),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -634,7 +294,7 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         local = state["per_rank"][self.ctx.rank]
         self.meter.load_state_dict(local["meter"])
-        _set_rng_state(local["rng"], self.generator)  # last: nothing may draw after it
+        set_rng_state(local["rng"], self.generator)  # last: nothing may draw after it
 
     def _wall(self) -> float:
         return self.prior_wall + time.perf_counter() - self.t0
@@ -918,7 +578,7 @@ def _deterministic_on_cpu(device: torch.device) -> Iterator[None]:
 
 def _prepare(
     cfg: ExperimentConfig,
-    ctx: _Dist,
+    ctx: Dist,
     resume: str | os.PathLike[str] | None,
     on_step: StepHook | None,
     config_path: str | None,
@@ -930,9 +590,9 @@ def _prepare(
     data = _load_data(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg.model).to(ctx.device)
-    _broadcast_model(model, ctx)
+    broadcast_model(model, ctx)
     run = _Run(cfg, ctx, model, data, on_step, config_path)
-    _seed_everything(cfg.seed + ctx.rank)  # dropout differs between processes
+    seed_everything(cfg.seed + ctx.rank)  # dropout differs between processes
     if resume_dir is None:
         return run
     _, saved_cfg, state = load_checkpoint(resume_dir, model=model)
@@ -973,7 +633,7 @@ def train(
     t0 = time.perf_counter()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    ctx = _setup_processes(cfg.train)
+    ctx = setup_processes(cfg.train)
     try:
         with _deterministic_on_cpu(ctx.device):
             run = _prepare(cfg, ctx, resume, on_step, config_path)

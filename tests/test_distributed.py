@@ -15,7 +15,7 @@ import torch.distributed as dist
 from test_train import tiny_config  # tests/ is on sys.path under pytest
 
 from cmpagl.config import ExperimentConfig, save_config
-from cmpagl.train import read_log
+from cmpagl.runlog import read_log
 
 HELPER = Path(__file__).with_name("train_helper.py")
 PER_RANK_BATCH = 4

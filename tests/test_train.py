@@ -26,14 +26,9 @@ from cmpagl.checkpoint import (
     save_checkpoint,
 )
 from cmpagl.config import ExperimentConfig, save_config, to_dict
-from cmpagl.train import (
-    build_scheduler,
-    epoch_order,
-    lr_factor,
-    param_groups,
-    read_log,
-    train,
-)
+from cmpagl.optim import build_scheduler, lr_factor, param_groups
+from cmpagl.runlog import read_log
+from cmpagl.train import epoch_order, train
 
 HELPER = Path(__file__).with_name("train_helper.py")
 LOSS_KEYS = {"itc", "tri", "itm", "mlm", "total", "temp", "grad_norm"}
@@ -368,9 +363,9 @@ def test_epoch_order_shards_are_disjoint_and_seeded():
 
 
 def test_resumed_log_drops_lines_after_the_checkpoint(tmp_path):
-    from cmpagl.train import _JsonLog
+    from cmpagl.runlog import JsonLog
 
-    log = _JsonLog(tmp_path / "train_log.jsonl", enabled=True)
+    log = JsonLog(tmp_path / "train_log.jsonl", enabled=True)
     for step in (1, 2, 3):
         log.write({"kind": "train", "step": step})
     with open(log.path, "a") as f:
