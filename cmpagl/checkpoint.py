@@ -138,21 +138,28 @@ def _few(items: list[str], n: int = 5) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository holding this package; None without git/repo."""
+def git_state(where: str | os.PathLike[str]) -> str | None:
+    """The commit checked out in the repository holding ``where`` (``git rev-parse HEAD``), with
+    ``-dirty`` appended when tracked files differ from it (the code that ran is then not that
+    commit); None without git or outside a repository."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return f"{sha}-dirty" if sha and dirty else sha or None
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """:func:`git_state` of this package's repository, read once per process."""
+    return git_state(Path(__file__).resolve().parent)
 
 
 def _meta(

@@ -16,6 +16,7 @@ The command line (``cmpagl evaluate``) loads the checkpoint and calls :func:`eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -80,12 +81,23 @@ def _timed(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
 # --------------------------------------------------------------------------------------------
 # Provenance: commit, software, hardware
 # --------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware_info(device: torch.device | str) -> dict[str, Any]:
-    """Platform, CPU count, torch threads and, on CUDA, the GPU name."""
+    """Platform, CPU model and count, torch version and threads and, on CUDA, the GPU name."""
     device = torch.device(device)
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),

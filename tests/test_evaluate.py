@@ -108,7 +108,8 @@ def test_timings_and_provenance(run, cfg):
     assert result["itm"]["n_evals"] <= result["itm"]["n_pairs"]
     assert result["config"] == json.loads(json.dumps(to_dict(cfg)))
     assert result["checkpoint"] == "runs/x/best.pt"
-    assert result["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", result["git_commit"])
+    commit = result["git_commit"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
     assert result["torch"] == torch.__version__
     assert result["hardware"]["cpu_count"] >= 1 and result["hardware"]["device"] == "cpu"
 

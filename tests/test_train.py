@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,25 @@ def test_meta_records_config_commit_and_metrics(run_a):
     assert meta["torch"] == torch.__version__ and "git_commit" in meta and meta["time"]
     last = read_meta(Path(cfg.output_dir) / "last")
     assert (last["kind"], last["step"], last["epoch"], last["position"]) == ("last", 6, 2, 0)
+
+
+def test_git_state_marks_a_modified_tree_dirty(tmp_path):
+    from cmpagl.checkpoint import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    assert git_state(tmp_path) is None  # not a repository
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = git_state(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_state(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")  # the code that runs is not the commit
+    assert git_state(tmp_path) == f"{clean}-dirty"
 
 
 def test_best_checkpoint_round_trips(run_a, tmp_path):
