@@ -247,6 +247,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     # Threads for the CPU (0: torch's default).
     num_threads: int = 0
+    # Deterministic kernels: "cpu" (on the CPU only, where they cost nothing measurable and make a
+    # resumed run bit-identical), "always" (on CUDA too: slower kernels, sets
+    # CUBLAS_WORKSPACE_CONFIG when unset) or "off".
+    deterministic: Literal["cpu", "always", "off"] = "cpu"
 
 
 @dataclass

@@ -556,24 +556,31 @@ def _warn_config_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> None
 
 
 @contextlib.contextmanager
-def _deterministic_on_cpu(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels while training on the CPU, restored after.
+def _deterministic(mode: str, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while training (``train.deterministic``), restored after.
 
     With more than one thread some CPU kernels accumulate in a varying order, so two runs (or a
     run and its resumption) drift apart by ~1e-7 from the second step on; their deterministic
-    versions cost nothing measurable here. On CUDA the mode would also need
-    CUBLAS_WORKSPACE_CONFIG and slower kernels, so it is left to the caller.
+    versions cost nothing measurable here, hence the default ``"cpu"``. On CUDA (``"always"``)
+    cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG`` (set to ``:4096:8`` if unset, before the first
+    cuBLAS call of the process) and cuDNN's autotuner is turned off; some kernels get slower.
+    Operations without a deterministic version warn instead of failing.
     """
-    if device.type != "cpu":
+    if mode == "off" or (mode == "cpu" and device.type != "cpu"):
         yield
         return
     prev = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
 
 
 def _prepare(
@@ -635,7 +642,7 @@ def train(
         torch.set_num_threads(cfg.train.num_threads)
     ctx = setup_processes(cfg.train)
     try:
-        with _deterministic_on_cpu(ctx.device):
+        with _deterministic(cfg.train.deterministic, ctx.device):
             run = _prepare(cfg, ctx, resume, on_step, config_path)
             if ctx.main:
                 run.out.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,21 @@ def test_crash_between_renames_falls_back_to_the_old_folder(run_a, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_deterministic_switch_holds_during_training_only(tiny_data, tmp_path):
+    seen: dict[str, bool] = {}
+    for mode in ("cpu", "off"):
+        cfg = tiny_config(tiny_data, tmp_path / mode, epochs=1, max_steps=1)
+        cfg.train = dataclasses.replace(cfg.train, deterministic=mode)
+        train(
+            cfg,
+            on_step=lambda _, m=mode: seen.setdefault(
+                m, torch.are_deterministic_algorithms_enabled()
+            ),
+        )
+    assert seen == {"cpu": True, "off": False}
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
     assert f[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
