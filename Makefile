@@ -47,6 +47,9 @@ executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cm
 	@mkdir -p executed
 	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@
 
+# The seeds tables are read from results/ (written by experiments/seeds_table.py), not recomputed.
+executed/04_seed_tables.ipynb: $(wildcard results/*/summary.json)
+
 ## lab: open the notebooks in JupyterLab
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -8,23 +8,27 @@ Each (config, seed) trains into ``<out>/<config stem>/seed<k>`` (model selection
 see :mod:`cmpagl.train`), then the best checkpoint is evaluated on the test split with
 no re-ranking, ITM and SMR (SMR's parameters chosen on val). A finished (config, seed) is
 skipped when run again, so an interrupted table resumes. The summary goes to
-``<out>/summary.json`` and ``<out>/summary.md``.
+``<out>/summary.json`` and ``<out>/summary.md``. ``summary.json`` is self-contained, ready to be
+copied into ``results/`` for the book: the command, commit, date and hardware, mean ± std per
+config and re-ranker, and every (config, seed) entry with its resolved config, validation curve
+and the commit it was trained at.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from cmpagl.checkpoint import load_checkpoint
+from cmpagl.checkpoint import git_commit, load_checkpoint, read_meta
 from cmpagl.config import load_config, to_dict
-from cmpagl.evaluate import evaluate_model
+from cmpagl.evaluate import evaluate_model, hardware_info
+from cmpagl.runlog import read_log
 from cmpagl.train import train
 
 KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -70,6 +74,18 @@ def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
     return entry
 
 
+def val_curve(run_dir: Path) -> list[dict]:
+    """(epoch, step, val r_mean) of every validation in the run's log, in order."""
+    log = run_dir / "train_log.jsonl"
+    if not log.is_file():
+        return []
+    return [
+        {"epoch": r["epoch"], "step": r["step"], "r_mean": r["r_mean"]}
+        for r in read_log(log)
+        if r.get("kind") == "val"
+    ]
+
+
 def summarize(entries: list[dict]) -> tuple[dict, str]:
     by_config: dict[str, list[dict]] = {}
     for e in entries:
@@ -106,8 +122,7 @@ def summarize(entries: list[dict]) -> tuple[dict, str]:
                 for r, v in row.items()
             },
             "test_metrics_mean": {
-                r: {k: statistics.mean(e["test"][r][k] for e in es) for k in KEYS}
-                for r in used
+                r: {k: statistics.mean(e["test"][r][k] for e in es) for k in KEYS} for r in used
             },
             "val_r_mean": [e["best_val_r_mean"] for e in es],
             "wall_time_s": [e["wall_time_s"] for e in es],
@@ -133,26 +148,32 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in ["experiments/seeds_table.py", *sys.argv[1:]])
     entries = []
     for seed in args.seeds:  # seed-major: a partial table still compares the configs
         for config in args.config:
             t = time.time()
-            entries.append(run_one(config, seed, args.set, out))
+            entry = run_one(config, seed, args.set, out)
+            run_dir = out / Path(config).stem / f"seed{seed}"
+            entry["val_curve"] = val_curve(run_dir)
+            entry["train_commit"] = read_meta(run_dir / "best").get("git_commit")
+            entries.append(entry)
             print(
-                f"{config} seed {seed}: test mR {entries[-1]['test']['none']['r_mean']:.2f} "
+                f"{config} seed {seed}: test mR {entry['test']['none']['r_mean']:.2f} "
                 f"({time.time() - t:.0f} s)",
                 flush=True,
             )
             summary, table = summarize(entries)
-            hw = {
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
+            record = {
+                "command": command,
+                "commit": git_commit(),
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "hardware": hardware_info("cpu"),
+                "overrides": args.set,
+                "configs": summary,
+                "entries": entries,
             }
-            (out / "summary.json").write_text(
-                json.dumps({"hardware": hw, "overrides": args.set, "configs": summary}, indent=1)
-            )
+            (out / "summary.json").write_text(json.dumps(record, indent=1))
             (out / "summary.md").write_text(table + "\n")
     print(table)
 
