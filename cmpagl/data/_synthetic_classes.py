@@ -267,6 +267,9 @@ _STD = ("left", "right", "top", "bottom", "center")
 @cache
 def class_table() -> dict[str, ClassDef]:
     """The scene classes (built on first use, not at import)."""
+    apron_planes = Option(
+        "plane", ("apron",), ("parked", "standing"), rel=-math.pi / 2, scatter="free", flip=False
+    )
     table = {
         "farmland": ClassDef(
             _lay_plain,
@@ -382,22 +385,8 @@ def class_table() -> dict[str, ClassDef]:
         "airport": ClassDef(
             _lay_airport,
             (
-                Option(
-                    "plane",
-                    ("apron",),
-                    ("parked", "standing"),
-                    rel=-math.pi / 2,
-                    scatter="free",
-                    flip=False,
-                ),
-                Option(
-                    "plane",
-                    ("apron",),
-                    ("parked", "standing"),
-                    rel=-math.pi / 2,
-                    scatter="free",
-                    flip=False,
-                ),
+                apron_planes,
+                apron_planes,  # twice: an airport's first group is parked on the apron 2 in 3
                 Option("plane", ("runway",), ("standing", "waiting"), rel=0.0, scatter="axis"),
             ),
             ("an airport", "an airport area"),
