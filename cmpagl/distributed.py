@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmpagl.config import TrainConfig
+from cmpagl.config import ConfigError, TrainConfig
 
 __all__ = [
     "Dist",
@@ -48,9 +48,27 @@ class Dist:
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device``: ``auto`` is the GPU where torch sees one, else the CPU.
+
+    Raises:
+        ConfigError: a CUDA device torch does not see (no GPU, or an index past the last).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        _check_cuda(device.index or 0, f"train.device={name}")
+    return device
+
+
+def _check_cuda(index: int, what: str) -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise ConfigError(
+            f"{what} needs CUDA device {index}, but torch sees {count} "
+            "(use train.device=cpu, or fewer processes than GPUs)",
+            key="train.device",
+        )
 
 
 def setup_processes(cfg: TrainConfig) -> Dist:
@@ -61,6 +79,7 @@ def setup_processes(cfg: TrainConfig) -> Dist:
         return Dist(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        _check_cuda(local_rank, f"torchrun process with LOCAL_RANK={local_rank}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()

@@ -28,6 +28,7 @@ def tiny_args(small_synthetic, tmp_path_factory):
         "train.batch_size=8",
         "train.epochs=1",
         "train.warmup_steps=2",
+        "train.device=cpu",
         "retrieval.smr_grid_tau=[0.05]",
         "retrieval.smr_grid_k=[5]",
         "retrieval.smr_grid_lambda=[0.1]",
@@ -100,6 +101,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--config", "configs/synthetic_tiny.yaml", "--set", "train.lr=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'train.lr'" in err and err.count("\n") == 1
+    # a GPU that torch does not see: one line before any data or model is touched
+    args = ["--set", "train.device=cuda:64", "--set", f"output_dir={tmp_path / 'gpu'}"]
+    assert main(["train", "--config", "configs/synthetic_tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert "train.device=cuda:64 needs CUDA device 64" in err and err.count("\n") == 1
+    assert not (tmp_path / "gpu").exists()
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--rerank", "magic"]) == 2
     assert "unknown re-ranker(s) magic" in capsys.readouterr().err
     assert main(["retrieve", "--checkpoint", str(tmp_path)]) == 2

@@ -57,8 +57,16 @@ def tiny_config(data_root: Path, output_dir: Path, **train) -> ExperimentConfig:
         cfg.model.gswin, img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
     )
     cfg.model.queue_size = 16
+    # device="cpu": the bit-exact resume checks rely on the CPU's deterministic kernels, so the
+    # suite means the CPU even on a GPU machine (tests/test_cuda.py covers CUDA)
     settings = dict(
-        epochs=2, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=2, num_threads=2
+        epochs=2,
+        batch_size=8,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=2,
+        num_threads=2,
+        device="cpu",
     )
     cfg.train = dataclasses.replace(cfg.train, **{**settings, **train})
     return cfg
