@@ -48,6 +48,12 @@ class JsonLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, default=_jsonable) + "\n")
 
+    def reset(self) -> None:
+        """Start empty: a fresh run drops the lines a run killed before its first checkpoint
+        left in the same folder (nothing of it could be resumed)."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after ``step``: a resumed run rewrites them."""
         if not (self.enabled and self.path.exists()):

@@ -45,7 +45,14 @@ from cmpagl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from cmpagl.config import ExperimentConfig, TrainConfig, check_experiment, save_config, to_dict
+from cmpagl.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    check_experiment,
+    save_config,
+    to_dict,
+)
 from cmpagl.data.dataset import CaptionDataset, DataError
 from cmpagl.data.torch_data import TrainPairs, make_loader
 from cmpagl.distributed import (
@@ -583,6 +590,28 @@ def _deterministic(mode: str, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = prev_bench
 
 
+def check_fresh_output(output_dir: str | os.PathLike[str]) -> None:
+    """A fresh run (no ``resume``) must not replace a trained one.
+
+    Raises:
+        ConfigError: ``output_dir`` holds a checkpoint (``last/``, ``best/``, or one renamed
+            aside by an interrupted write), with how to resume it or train elsewhere.
+    """
+    out = Path(output_dir)
+    found = sorted(
+        p.name
+        for name in ("last", "best")
+        for p in (out / name, *out.glob(f".{name}.old-*"))
+        if p.is_dir()
+    )
+    if found:
+        raise ConfigError(
+            f"output_dir {out} already holds a trained run ({', '.join(found)}): continue it "
+            f"with --resume {out}, train elsewhere with --set output_dir=..., or delete it",
+            key="output_dir",
+        )
+
+
 def _prepare(
     cfg: ExperimentConfig,
     ctx: Dist,
@@ -601,6 +630,7 @@ def _prepare(
     run = _Run(cfg, ctx, model, data, on_step, config_path)
     seed_everything(cfg.seed + ctx.rank)  # dropout differs between processes
     if resume_dir is None:
+        run.log.reset()
         return run
     _, saved_cfg, state = load_checkpoint(resume_dir, model=model)
     _warn_config_changes(saved_cfg, cfg)
@@ -635,8 +665,12 @@ def train(
 
     Raises:
         CheckpointError: ``resume`` holds no complete checkpoint.
+        ConfigError: without ``resume``, ``cfg.output_dir`` already holds a trained run
+            (:func:`check_fresh_output`); nothing there is touched.
     """
     check_experiment(cfg)
+    if resume is None:
+        check_fresh_output(cfg.output_dir)
     t0 = time.perf_counter()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

@@ -48,6 +48,10 @@ def test_train_evaluate_retrieve(
     assert main(args) == 0
     assert "best val r_mean" in capsys.readouterr().out
     assert (run / "best" / "model.safetensors").is_file()
+    assert main(args) == 2  # the same command again would replace the trained run
+    err = capsys.readouterr().err
+    assert "already holds a trained run" in err and f"--resume {run}" in err
+    assert err.count("\n") == 1
 
     assert (
         main(

@@ -26,7 +26,7 @@ from cmpagl.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from cmpagl.config import ExperimentConfig, save_config, to_dict
+from cmpagl.config import ConfigError, ExperimentConfig, save_config, to_dict
 from cmpagl.optim import build_scheduler, lr_factor, param_groups
 from cmpagl.runlog import read_log
 from cmpagl.train import epoch_order, train
@@ -225,6 +225,31 @@ def test_killed_run_resumes_exactly(run_a, tiny_data, tmp_path):
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)  # momentum twins and queue too
     assert state_b["best"] == state_a["best"] and state_b["last_val"] == state_a["last_val"]
     assert state_b["scheduler"] == state_a["scheduler"]
+
+
+def test_fresh_run_refuses_a_trained_folder(run_a):
+    """Training again into a run folder without --resume would replace its checkpoints and mix
+    two runs in one log: it is refused before anything there is touched."""
+    cfg, _ = run_a
+    out = Path(cfg.output_dir)
+    before = {p.name: files_of(p) for p in (out / "last", out / "best")}
+    log = (out / "train_log.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a trained run \(best, last\).*--resume"):
+        train(cfg)
+    assert {p.name: files_of(p) for p in (out / "last", out / "best")} == before
+    assert (out / "train_log.jsonl").read_bytes() == log
+
+
+def test_fresh_run_replaces_the_log_of_a_run_killed_before_its_first_checkpoint(
+    tiny_data, tmp_path
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = {"kind": "train", "step": 1, "epoch": 0, "total": 9.0}
+    (out / "train_log.jsonl").write_text(json.dumps(stale) + "\n")
+    train(tiny_config(tiny_data, out, epochs=1, max_steps=2, checkpoint_every=0))
+    assert [r["step"] for r in read_log(out) if r["kind"] == "train"] == [1, 2]
+    assert stale not in read_log(out)
 
 
 def test_resume_from_nothing_is_a_clear_error(tiny_data, tmp_path):
