@@ -48,23 +48,24 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
         )
         stamps: list[float] = []
         samples: list[int] = []
-        device: list[torch.device] = []
-        params: list[int] = []
+        run: dict = {}  # device, world size and trainable parameters, read at the first step
 
         def on_step(info: StepInfo) -> None:
-            param = next(info.model.parameters())
-            if param.is_cuda:
-                torch.cuda.synchronize(param.device)
+            if not run:
+                run.update(
+                    device=next(info.model.parameters()).device,
+                    world=info.world_size,
+                    params=sum(p.numel() for p in info.model.parameters() if p.requires_grad),
+                )
+            if run["device"].type == "cuda":
+                torch.cuda.synchronize(run["device"])
             stamps.append(time.perf_counter())
             samples.append(int(info.image_ids.shape[0]) * info.world_size)
-            device[:] = [param.device]
-            if not params:
-                params.append(sum(p.numel() for p in info.model.parameters() if p.requires_grad))
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         result = train(cfg, config_path=config, on_step=on_step)
-    dev = device[0]
+    dev = run["device"]
     steady = stamps[skip:]
     step_s = [b - a for a, b in zip(steady[:-1], steady[1:], strict=True)]
     amp = _amp_dtype(cfg.train, dev)
@@ -74,7 +75,7 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
         "steps": result.steps,
         "timed_steps": len(step_s),
         "batch_size": cfg.train.batch_size,
-        "world_size": samples[0] // cfg.train.batch_size,
+        "world_size": run["world"],
         "device": str(dev),
         "amp_dtype": None if amp is None else str(amp).removeprefix("torch."),
         "steady_samples_per_s": sum(samples[skip + 1 :]) / (steady[-1] - steady[0]),
@@ -84,7 +85,7 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
         "peak_gpu_gib": (
             torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         ),
-        "trainable_params_m": params[0] / 1e6,
+        "trainable_params_m": run["params"] / 1e6,
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "hardware": hardware_info(dev),

@@ -51,6 +51,7 @@ __all__ = [
     "load_model_weights",
     "read_meta",
     "save_checkpoint",
+    "saved_checkpoints",
     "save_model_weights",
 ]
 
@@ -280,6 +281,18 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CHECKPOINT_FILES)
 
 
+def _set_aside(folder: Path) -> list[Path]:
+    """Copies of ``folder`` renamed aside by :func:`_swap_into_place`, oldest name first."""
+    return sorted(folder.parent.glob(f".{folder.name}.old-*"))
+
+
+def saved_checkpoints(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Names of the checkpoint folders in run folder ``run_dir`` (``best``, ``last``, and any
+    renamed aside by an interrupted write), complete or not; [] for none."""
+    folders = [Path(run_dir) / name for name in ("best", "last")]
+    return [f.name for folder in folders for f in (folder, *_set_aside(folder)) if f.is_dir()]
+
+
 def find_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> Path:
     """The checkpoint folder ``path`` names: itself, or ``path/<prefer>`` for a run folder.
 
@@ -293,7 +306,7 @@ def find_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> Path:
     for candidate in (path, path / prefer):
         if _is_complete(candidate):
             return candidate
-        aside = sorted(candidate.parent.glob(f".{candidate.name}.old-*"))
+        aside = _set_aside(candidate)
         if not candidate.exists() and aside and _is_complete(aside[-1]):
             return aside[-1]
     if not path.exists():

@@ -62,7 +62,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def _check_cuda(index: int, what: str) -> None:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count()  # 0 without CUDA
     if index >= count:
         raise ConfigError(
             f"{what} needs CUDA device {index}, but torch sees {count} "

@@ -44,6 +44,7 @@ from cmpagl.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    saved_checkpoints,
 )
 from cmpagl.config import (
     ConfigError,
@@ -598,12 +599,7 @@ def check_fresh_output(output_dir: str | os.PathLike[str]) -> None:
             aside by an interrupted write), with how to resume it or train elsewhere.
     """
     out = Path(output_dir)
-    found = sorted(
-        p.name
-        for name in ("last", "best")
-        for p in (out / name, *out.glob(f".{name}.old-*"))
-        if p.is_dir()
-    )
+    found = saved_checkpoints(out)
     if found:
         raise ConfigError(
             f"output_dir {out} already holds a trained run ({', '.join(found)}): continue it "
