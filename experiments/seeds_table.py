@@ -20,19 +20,17 @@ import argparse
 import datetime
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from cmpagl.checkpoint import git_commit, load_checkpoint, read_meta
 from cmpagl.config import load_config, to_dict
+from cmpagl.data.build import prepare_synthetic_dataset
 from cmpagl.evaluate import evaluate_model, hardware_info
-from cmpagl.runlog import read_log
+from cmpagl.fileio import atomic_write_text
+from cmpagl.report import KEYS, RERANKERS, summarize, val_curve
 from cmpagl.train import train
-
-KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
-RERANKERS = ("none", "itm", "smr", "itm+smr")
 
 
 def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
@@ -42,6 +40,7 @@ def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
         return json.loads(done.read_text())
     cfg = load_config(config, overrides=[*overrides, f"seed={seed}", f"output_dir={run_dir}"])
     resume = run_dir if (run_dir / "last").is_dir() else None
+    prepare_synthetic_dataset(cfg.data)  # announced; nothing when the folder is complete
     result = train(cfg, resume=resume, config_path=config)
     model, cfg, _ = load_checkpoint(run_dir, prefer="best")
     # A model trained without ITM (the dual-encoder baseline) has no trained ITM head.
@@ -70,73 +69,8 @@ def run_one(config: str, seed: int, overrides: list[str], out: Path) -> dict:
         "rerank_s": ev["timings"]["rerank_s"],
         "config_resolved": to_dict(cfg),
     }
-    done.write_text(json.dumps(entry, indent=1))
+    atomic_write_text(done, json.dumps(entry, indent=1))  # its presence means "finished"
     return entry
-
-
-def val_curve(run_dir: Path) -> list[dict]:
-    """(epoch, step, val r_mean) of every validation in the run's log, in order."""
-    log = run_dir / "train_log.jsonl"
-    if not log.is_file():
-        return []
-    return [
-        {"epoch": r["epoch"], "step": r["step"], "r_mean": r["r_mean"]}
-        for r in read_log(log)
-        if r.get("kind") == "val"
-    ]
-
-
-def summarize(entries: list[dict]) -> tuple[dict, str]:
-    by_config: dict[str, list[dict]] = {}
-    for e in entries:
-        by_config.setdefault(e["config"], []).append(e)
-
-    def ms(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
-
-    summary, lines = {}, []
-    lines.append(
-        "| config | seeds | "
-        + " | ".join(f"mR {r}" for r in RERANKERS)
-        + " | val mR | wall time (s) | samples/s |"
-    )
-    lines.append("|---" * (5 + len(RERANKERS)) + "|")
-    for config, es in by_config.items():
-        # (an entry of an older run may hold ITM columns of a baseline: they are not shown)
-        used = [r for r in RERANKERS if all(r in e["test"] for e in es)]
-        if (
-            "w_itm" in es[0]["config_resolved"]["loss"]
-            and not es[0]["config_resolved"]["loss"]["w_itm"]
-        ):
-            used = [r for r in used if "itm" not in r]
-        row = {r: [e["test"][r]["r_mean"] for e in es] for r in used}
-        summary[config] = {
-            "seeds": [e["seed"] for e in es],
-            "test_r_mean": {
-                r: {
-                    "mean": statistics.mean(v),
-                    "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                    "values": v,
-                }
-                for r, v in row.items()
-            },
-            "test_metrics_mean": {
-                r: {k: statistics.mean(e["test"][r][k] for e in es) for k in KEYS} for r in used
-            },
-            "val_r_mean": [e["best_val_r_mean"] for e in es],
-            "wall_time_s": [e["wall_time_s"] for e in es],
-            "samples_per_s": [e["samples_per_s"] for e in es],
-            "oracle_r_mean": es[0]["oracle_r_mean"],
-        }
-        lines.append(
-            f"| {Path(config).stem} | {len(es)} | "
-            + " | ".join(ms(row[r]) if r in row else "–" for r in RERANKERS)
-            + f" | {ms([e['best_val_r_mean'] for e in es])}"
-            + f" | {statistics.mean(e['wall_time_s'] for e in es):.0f}"
-            + f" | {statistics.mean(e['samples_per_s'] for e in es):.1f} |"
-        )
-    return summary, "\n".join(lines)
 
 
 def main() -> None:
@@ -173,8 +107,8 @@ def main() -> None:
                 "configs": summary,
                 "entries": entries,
             }
-            (out / "summary.json").write_text(json.dumps(record, indent=1))
-            (out / "summary.md").write_text(table + "\n")
+            atomic_write_text(out / "summary.json", json.dumps(record, indent=1))
+            atomic_write_text(out / "summary.md", table + "\n")
     print(table)
 
 

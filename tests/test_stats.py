@@ -7,6 +7,7 @@ from PIL import Image
 
 from cmpagl.data import CaptionDataset, load_dataset
 from cmpagl.data.stats import (
+    caption_repetition,
     caption_statistics,
     cross_split_duplicates,
     dataset_statistics,
@@ -14,6 +15,7 @@ from cmpagl.data.stats import (
     perceptual_hash,
     tokenize,
 )
+from cmpagl.metrics import normalize_caption
 
 
 def test_caption_statistics_by_hand(tmp_path):
@@ -30,6 +32,27 @@ def test_caption_statistics_by_hand(tmp_path):
     assert full.captions_per_image == {2: 1, 3: 1}
     assert "distinct captions: 3 of 5" in format_statistics(full)
     assert tokenize("It's a plane, near 2 cars.") == ["it's", "a", "plane", "near", "2", "cars"]
+
+
+def test_caption_repetition_by_hand_and_against_a_naive_count(tmp_path):
+    caps = [["A red car.", "a red car", "Two planes"], ["A red car .", "one ship"], ["Two  planes"]]
+    ds = CaptionDataset("t", tmp_path, ["a", "b", "c"], ["train", "test", "test"], caps)
+    rep = caption_repetition(ds)
+    # "a red car" is on images a and b (twice on a: counted once), "two planes" on a and c
+    assert rep.tolist() == [2, 2, 2, 2, 1, 2] and rep.dtype == np.int64
+    assert caption_repetition(ds.split("test")).tolist() == [1, 1, 1]  # within the split only
+
+    # A naive count on random captions from a small vocabulary (many exact repeats).
+    rng = np.random.default_rng(0)
+    words = ["a", "red", "car", "Car.", "plane", "."]
+    caps = [
+        [" ".join(rng.choice(words, size=2)) for _ in range(int(rng.integers(1, 4)))]
+        for _ in range(30)
+    ]
+    ds = CaptionDataset("r", tmp_path, [f"{i}" for i in range(30)], ["train"] * 30, caps)
+    norm = [[normalize_caption(c) for c in cs] for cs in caps]
+    naive = [sum(normalize_caption(t) in n for n in norm) for cs in caps for t in cs]
+    assert caption_repetition(ds).tolist() == naive and max(naive) > 1
 
 
 def test_perceptual_hash_finds_reencoded_copy_across_splits(tmp_path):

@@ -3,8 +3,12 @@ Karpathy JSON it writes, captions that are true of the scene, and images that sh
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
+import shlex
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -12,7 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmpagl.cli import main
+from cmpagl.config import DataConfig
+from cmpagl.data import DataError
 from cmpagl.data import synthetic as sy
+from cmpagl.data.build import dataset_from_config, prepare_synthetic_dataset
 
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10}
 COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
@@ -333,3 +341,109 @@ def test_objects_are_drawn_where_and_in_the_colour_the_spec_says(x: float) -> No
     red = _red_fraction(sy.render_scene(spec, 128, rng))
     left, right = red[:64].mean(), red[64:].mean()
     assert (left > 0.1 and right < 0.01) if x < 0.5 else (right > 0.1 and left < 0.01)
+
+
+# --- the exact output, pinned -----------------------------------------------------------------
+# sha256 of dataset.json and of every image's pixels (decoded, in file order) for a tiny
+# generation: any change to what the generator writes, even one pixel, changes them. PNG bytes
+# are not pinned (they depend on the zlib build); the pixels are the data.
+GOLDEN = {
+    "json": "ba83f990670d1a20eb5607a76029a51d89e5e64dc0556c23993600f45ec21cdc",
+    "pixels": "16ab2652ec17a8ed9126ab68a1acbf7fd1d7b26d51422e5d77372cf4fa5e21c0",
+}
+
+
+def test_output_is_pinned_byte_for_byte(tmp_path: Path) -> None:
+    root = sy.generate_synthetic_dataset(
+        tmp_path / "g", n_train=6, n_val=2, n_test=2, image_size=32, seed=3
+    )
+    pixels = hashlib.sha256()
+    for png in sorted((root / "images").glob("*.png")):
+        with Image.open(png) as img:
+            pixels.update(np.asarray(img).tobytes())
+    assert hashlib.sha256((root / "dataset.json").read_bytes()).hexdigest() == GOLDEN["json"]
+    assert pixels.hexdigest() == GOLDEN["pixels"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+# --- generation is an explicit step; loading never renders --------------------------------------
+TINY = {"n_train": 24, "n_val": 4, "n_test": 4, "image_size": 32, "seed": 3}
+
+
+def _tiny_data_config(root: Path) -> DataConfig:
+    return DataConfig(
+        name="synthetic",
+        root=str(root),
+        image_size=TINY["image_size"],
+        synthetic_n_train=TINY["n_train"],
+        synthetic_n_val=TINY["n_val"],
+        synthetic_n_test=TINY["n_test"],
+        synthetic_seed=TINY["seed"],
+        num_workers=0,
+    )
+
+
+def test_loader_names_the_command_instead_of_generating(tmp_path: Path) -> None:
+    cfg = _tiny_data_config(tmp_path / "syn")
+    command = f"cmpagl data synthetic {cfg.root} --n-train 24 --n-val 4 --n-test 4 "
+    command += "--image-size 32 --seed 3"
+    with pytest.raises(DataError) as info:
+        dataset_from_config(cfg)
+    assert str(info.value) == (
+        f"synthetic dataset folder {cfg.root} does not exist; write it first with: {command}"
+    )
+    assert not (tmp_path / "syn").exists()  # nothing was written
+
+    # The command it names writes exactly the dataset the config asks for.
+    assert main(shlex.split(command)[1:]) == 0
+    ds = dataset_from_config(cfg)
+    assert [ds.split(s).num_images for s in ("train", "val", "test")] == [24, 4, 4]
+
+    # Another generation in the folder is named, and left as it is.
+    other = dataclasses.replace(cfg, synthetic_seed=4, image_size=48)
+    json_path = tmp_path / "syn" / "dataset.json"
+    before = json_path.stat().st_mtime_ns
+    with pytest.raises(
+        DataError, match=r"holds another generation \(seed 3 on disk, 4 in the "
+    ) as e:
+        dataset_from_config(other)
+    assert "image_size 32 on disk, 48 in the config" in str(e.value)
+    assert str(e.value).endswith("--image-size 48 --seed 4") and "\n" not in str(e.value)
+    assert json_path.stat().st_mtime_ns == before
+
+
+def test_default_config_error_names_the_make_data_command(tmp_path: Path) -> None:
+    cfg = DataConfig(root=str(tmp_path / "data" / "synthetic"))  # the defaults: name synthetic
+    with pytest.raises(DataError, match=r"write it first with: cmpagl data synthetic \S+$"):
+        dataset_from_config(cfg)
+
+
+def test_cli_train_generates_and_announces_before_anything_else(
+    tmp_path: Path, repo_root: Path, capsys
+) -> None:
+    """``cmpagl train`` on a synthetic config: the data step comes first, as one announced
+    line, before training starts (here training then stops at once on a device that does not
+    exist, so no model is built); the folder it wrote is what the loader reads."""
+    root = tmp_path / "syn"
+    sets = [
+        f"data.root={root}",
+        f"output_dir={tmp_path / 'run'}",
+        *(f"data.synthetic_{k}={TINY[k]}" for k in ("n_train", "n_val", "n_test", "seed")),
+        "data.image_size=32",
+        "model.gswin.img_size=32",
+        "train.device=cuda:99",
+    ]
+    config = str(repo_root / "configs" / "synthetic_tiny.yaml")
+    assert main(["train", "--config", config, *(a for s in sets for a in ("--set", s))]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(
+        r"generating the synthetic dataset \(24/4/4 train/val/test images, 32 px, seed 3\) "
+        rf"in {re.escape(str(root))} \.\.\. done in \d+\.\d s\n",
+        captured.out,
+    ), captured.out
+    assert "train.device=cuda:99" in captured.err  # training started after the data step
+    assert sy.read_generator_record(root) == sy.generator_record(**TINY)
+    cfg = _tiny_data_config(root)
+    assert dataset_from_config(cfg).num_images == 32
+    assert prepare_synthetic_dataset(cfg) is False  # complete: nothing done, nothing printed
+    assert capsys.readouterr().out == ""

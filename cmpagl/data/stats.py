@@ -50,14 +50,32 @@ class DatasetStats:
         return asdict(self)
 
 
+def _images_of_texts(ds: CaptionDataset) -> dict[str, set[int]]:
+    """Normalised caption text -> the images (indices) that carry it."""
+    images_of: dict[str, set[int]] = defaultdict(set)
+    for text, img in zip(ds.all_captions, ds.txt2img, strict=True):
+        images_of[normalize_caption(text)].add(int(img))
+    return images_of
+
+
+def caption_repetition(ds: CaptionDataset) -> np.ndarray:
+    """``[N_txt]`` int: for each caption of ``ds`` (``ds.all_captions`` order), how many images
+    carry the same text after normalisation (case, spaces, final punctuation); 1 = the text is
+    unique to its image. A caption repeated within one image still counts that image once.
+
+    Identical texts get identical embeddings, so a caption with repetition ``n`` cannot rank its
+    own image above the other ``n - 1`` (the oracle bound of METHOD.md §4)."""
+    images_of = _images_of_texts(ds)
+    counts = [len(images_of[normalize_caption(t)]) for t in ds.all_captions]
+    return np.array(counts, dtype=np.int64)
+
+
 def caption_statistics(ds: CaptionDataset) -> dict:
     """Caption-level statistics of ``ds`` (no image is read)."""
     texts = ds.all_captions
     lengths = [len(tokenize(t)) for t in texts]
     vocab = {w for t in texts for w in tokenize(t)}
-    images_of: dict[str, set[int]] = defaultdict(set)
-    for text, img in zip(texts, ds.txt2img, strict=True):
-        images_of[normalize_caption(text)].add(int(img))
+    images_of = _images_of_texts(ds)
     shared = {t for t, imgs in images_of.items() if len(imgs) > 1}
     return {
         "length_histogram": dict(sorted(Counter(lengths).items())),
