@@ -43,7 +43,7 @@ data: setup
 ## notebooks: execute every notebook with papermill into executed/ (what the book renders)
 notebooks: data $(EXECUTED)
 
-executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cmpagl/*/*.py)
+executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
 	@mkdir -p executed
 	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@
 

@@ -28,6 +28,7 @@ import torch
 
 from cmpagl.checkpoint import git_commit
 from cmpagl.config import load_config
+from cmpagl.data.build import prepare_synthetic_dataset
 from cmpagl.evaluate import hardware_info
 from cmpagl.train import StepInfo, _amp_dtype, train
 
@@ -64,6 +65,7 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        prepare_synthetic_dataset(cfg.data)  # a no-op unless data.name is synthetic
         result = train(cfg, config_path=config, on_step=on_step)
     dev = run["device"]
     steady = stamps[skip:]
