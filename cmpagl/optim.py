@@ -87,8 +87,13 @@ def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr_new)
+    """AdamW over :func:`param_groups`, with torch's fused kernel.
+
+    The default AdamW on the CPU loops over the parameters one small op at a time (six ops for
+    each of ~330 tensors); the fused kernel does one pass per tensor, the same update up to
+    float rounding, and exists on the CPU and CUDA alike.
+    """
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr_new, fused=True)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

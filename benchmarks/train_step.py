@@ -1,0 +1,246 @@
+"""One full CMPAGL training step on the CPU: samples/s, FLOPs, the fraction of matmul peak, and
+where the time goes (``torch.profiler``), optionally side by side with another commit.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --config configs/ucm_cpu.yaml
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --config configs/ucm_cpu.yaml \
+        --baseline HEAD~5 --rounds 2 --out results/bench/train_step.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --profile 20
+
+A step is what the engine does per batch (:mod:`cmpagl.train`): every loss of the config,
+backward, gradient clipping, AdamW with the engine's parameter groups and the momentum update,
+on a fixed batch of real captions and random images (data loading is measured separately by
+``--loader``). FLOPs of forward + backward come from ``torch.utils.flop_counter``; the machine's
+matmul peak is a 1024 x 1024 float32 matmul timed in the same process.
+
+``--baseline REF`` checks REF out into a temporary git worktree and runs this same script there
+(the library of REF, this file's measuring code), alternating baseline and current ``--rounds``
+times so that a change in machine load hits both alike; the ratio of medians is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring the library that is importable in this process
+# --------------------------------------------------------------------------------------------
+def _build(config: str, overrides: list[str], batch: int):
+    """Model (with pretrained weights where the config asks), optimizer, batch, loss config."""
+    from cmpagl.config import load_config
+    from cmpagl.models.cmpagl import build_model
+    from cmpagl.optim import build_optimizer
+
+    cfg = load_config(config, overrides=[*overrides, f"train.batch_size={batch}"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    try:  # libraries where build_model makes the architecture only
+        from cmpagl.models.pretrained import load_pretrained
+    except ImportError:
+        pass
+    else:
+        load_pretrained(model, cfg.model)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    captions = _captions(batch)
+    images = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
+    ids = torch.arange(batch) // 2  # pairs of captions of one image, as real batches hold
+    return cfg, model, optimizer, images, captions, ids
+
+
+def _captions(n: int) -> list[str]:
+    """Real UCM captions where the shared data is present, else fixed remote-sensing ones."""
+    try:
+        from cmpagl.paths import ucm_subset_dir
+
+        data = json.loads((ucm_subset_dir() / "dataset.json").read_text())
+        pool = [s["raw"] for im in data["images"] for s in im["sentences"]]
+    except (OSError, ValueError, KeyError):
+        pool = [
+            "there are two white planes parked near the runway",
+            "many buildings and green trees are around the parking lot with many cars",
+            "a river passes through the forest with dense green trees on both sides",
+        ]
+    return [pool[(7 * i) % len(pool)] for i in range(n)]
+
+
+def _step(model, optimizer, images, captions, ids, cfg, generator) -> None:
+    from cmpagl.objective import compute_losses
+
+    loss, _ = compute_losses(model, images, captions, ids, cfg.loss, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
+    optimizer.step()
+
+
+def _matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _flops(model, optimizer, images, captions, ids, cfg, generator) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _step(model, optimizer, images, captions, ids, cfg, generator)
+    return counter.get_total_flops() / 1e9
+
+
+def measure(config: str, overrides: list[str], batch: int, steps: int, profile: int) -> dict:
+    """Time ``steps`` steps after 2 warm-up steps; GFLOP per step; optional profiler table."""
+    cfg, model, optimizer, images, captions, ids = _build(config, overrides, batch)
+    generator = torch.Generator().manual_seed(0)
+    args = (model, optimizer, images, captions, ids, cfg, generator)
+    for _ in range(2):
+        _step(*args)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        _step(*args)
+        times.append(time.perf_counter() - t)
+    gflop = _flops(*args)
+    peak = _matmul_gflops()
+    median = statistics.median(times)
+    out = {
+        "config": config,
+        "overrides": overrides,
+        "batch": batch,
+        "steps": steps,
+        "median_step_s": median,
+        "samples_per_s": batch / median,
+        "gflop_per_step": gflop,
+        "gflops_achieved": gflop / median,
+        "matmul_peak_gflops": peak,
+        "fraction_of_matmul_peak": gflop / median / peak,
+        "step_times_s": times,
+    }
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                _step(*args)
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Side by side with another commit
+# --------------------------------------------------------------------------------------------
+def _run_in(tree: Path, argv: list[str]) -> dict:
+    """This script, importing the library of ``tree``; returns its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    try:
+        subprocess.run(
+            [sys.executable, __file__, *argv, "--json", str(out)], env=env, cwd=REPO, check=True
+        )
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def compare(ref: str, argv: list[str], rounds: int) -> dict:
+    """Alternate ``ref`` (a temporary worktree) and this tree ``rounds`` times."""
+    tmp = Path(tempfile.mkdtemp(prefix="cmpagl_baseline_"))
+    tree = tmp / "tree"
+    subprocess.run(
+        ["git", "worktree", "add", "-q", "--detach", str(tree), ref], cwd=REPO, check=True
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        base, cur = [], []
+        for _ in range(rounds):
+            base.append(_run_in(tree, argv))
+            cur.append(_run_in(REPO, argv))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+    rate_b = statistics.median(r["samples_per_s"] for r in base)
+    rate_c = statistics.median(r["samples_per_s"] for r in cur)
+    return {
+        "baseline": {"ref": ref, "commit": commit, "runs": base},
+        "current": {"runs": cur},
+        "baseline_samples_per_s": rate_b,
+        "current_samples_per_s": rate_c,
+        "speedup": rate_c / rate_b,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/ucm_cpu.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--profile", type=int, default=0, help="rows of the profiler table (0: off)")
+    ap.add_argument("--baseline", help="git ref to measure side by side (temporary worktree)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", help="write the result JSON here")
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # child process of --baseline
+    args = ap.parse_args()
+    argv = ["--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps)]
+    for o in args.overrides:
+        argv += ["--set", o]
+    if args.baseline:
+        result = compare(args.baseline, [*argv, "--profile", str(args.profile)], args.rounds)
+        for name in ("baseline", "current"):
+            run = result[name]["runs"][-1]
+            print(f"--- {name} ---")
+            if "profile" in run:
+                print(run["profile"])
+        print(
+            f"baseline {result['baseline']['commit']}: "
+            f"{result['baseline_samples_per_s']:.2f} samples/s; "
+            f"current: {result['current_samples_per_s']:.2f} samples/s; "
+            f"speedup x{result['speedup']:.2f}"
+        )
+    else:
+        result = measure(args.config, args.overrides, args.batch, args.steps, args.profile)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result))
+            return
+        if "profile" in result:
+            print(result["profile"])
+        print(
+            f"{result['config']} batch {result['batch']}: {result['samples_per_s']:.2f} samples/s "
+            f"(median step {result['median_step_s']:.3f} s), {result['gflop_per_step']:.0f} GFLOP "
+            f"per step, {result['gflops_achieved']:.0f} GFLOP/s = "
+            f"{100 * result['fraction_of_matmul_peak']:.0f} % of the "
+            f"{result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak"
+        )
+    result["hardware"] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
