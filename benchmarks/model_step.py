@@ -17,6 +17,7 @@ import torch
 
 from cmpagl.config import LossConfig, ModelConfig
 from cmpagl.models.cmpagl import build_model
+from cmpagl.models.pretrained import load_pretrained
 from cmpagl.objective import compute_losses
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = build_model(cfg)
+    load_pretrained(model)  # the weights a training run starts from
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "

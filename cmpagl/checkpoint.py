@@ -17,7 +17,6 @@ crash mid-write leaves the previous checkpoint untouched. :func:`load_checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -353,7 +352,8 @@ def load_checkpoint(
 
     Args:
         model: the model to load the weights into; None builds a CMPAGL from the saved config
-            (without fetching ImageNet Swin weights: the checkpoint replaces them anyway).
+            (the architecture only: no pretrained weights are fetched, the checkpoint holds
+            every weight).
         prefer: which checkpoint of a run folder: ``"best"`` (evaluation) or ``"last"``
             (resuming).
         map_location: device for the tensors of ``state``.
@@ -377,12 +377,9 @@ def load_checkpoint(
 def _build_for(cfg: ExperimentConfig, weights: Path) -> nn.Module:
     from cmpagl.models.cmpagl import build_model  # the model module is heavy; only when needed
 
-    model_cfg = dataclasses.replace(
-        cfg.model, gswin=dataclasses.replace(cfg.model.gswin, pretrained=None)
-    )
     try:
         with safe_open(os.fspath(weights), framework="pt") as f:
             has_momentum = "queue.ptr" in f.keys()
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: cannot read the weights ({err})") from err
-    return build_model(model_cfg, use_momentum=has_momentum)
+    return build_model(cfg.model, use_momentum=has_momentum)

@@ -81,6 +81,17 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_synthetic(data) -> None:
+    """The explicit data step of train/evaluate/retrieve: a config naming the synthetic dataset
+    gets it generated (and announced in one line) before anything loads it; the loaders
+    themselves never generate. Under torchrun only rank 0 writes: training's data loading keeps
+    the other ranks at a barrier until rank 0 has read the finished folder."""
+    from cmpagl.data.build import prepare_synthetic_dataset
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_synthetic_dataset(data)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cmpagl.config import load_config
     from cmpagl.train import train
@@ -91,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise _UsageError("give --config FILE (or --resume DIR to continue a run)")
         config = str(Path(args.resume) / "config.yaml")
     cfg = load_config(config, overrides=args.set)
+    _prepare_synthetic(cfg.data)
     result = train(cfg, resume=args.resume, config_path=config)
     if result.best_r_mean is not None:
         print(
@@ -129,6 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"unknown re-ranker(s) {', '.join(unknown)}; known: {', '.join(RERANKERS)}"
         )
     model, cfg, device = _load_for_eval(args)
+    _prepare_synthetic(cfg.data)
     if not rerank:  # an ITM head that was never trained (w_itm = 0) would only add noise
         rerank = [r for r in DEFAULT_RERANKERS if cfg.loss.w_itm > 0 or "itm" not in r]
     result = evaluate_model(
@@ -142,17 +155,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_scores=not args.no_scores,
     )
     keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
-    print(f"{'re-ranker':<18}" + "".join(f"{k:>9}" for k in keys))
+    # r_mean_index: the public evaluators' tie convention, to set beside published tables
+    print(f"{'re-ranker':<18}" + "".join(f"{k:>9}" for k in keys) + f"{'mR index':>10}")
     for name, metrics in result["metrics"].items():
-        print(f"{name:<18}" + "".join(f"{metrics[k]:>9.2f}" for k in keys))
+        print(
+            f"{name:<18}"
+            + "".join(f"{metrics[k]:>9.2f}" for k in keys)
+            + f"{metrics['r_mean_index']:>10.2f}"
+        )
     oracle = result.get("oracle") or {}
     if oracle:
         print(
             f"{'oracle bound':<18}"
             + "".join(f"{oracle.get('oracle_' + k, float('nan')):>9.2f}" for k in keys)
         )
+    for name, choice in result.get("tuning", {}).items():
+        print(f"{name:<18}{_describe_choice(choice)}")
     print(f"results: {result['files']['results']}")
     return 0
+
+
+def _describe_choice(choice: dict) -> str:
+    """One line: a re-ranker's settings, where they came from, and axes chosen at an edge."""
+    if choice["source"] != "val grid search":
+        return f"{choice['params']} ({choice['note']})"
+    if choice["params"] is None:
+        return f"no re-ranking (best of {choice['grid_size']} on val)"
+    edges = [axis for axis, on in choice["on_edge"].items() if on]
+    edge = f"; on the grid's edge: {', '.join(edges)}" if edges else ""
+    return f"{choice['params']} (best of {choice['grid_size']} on val{edge})"
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -163,6 +194,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.image is None):
         raise _UsageError("give exactly one of --text or --image")
     model, cfg, device = _load_for_eval(args)
+    _prepare_synthetic(cfg.data)
     ds = dataset_from_config(cfg.data).split(args.split)
     _, transform = transforms_from_config(cfg.data)
     emb = embed_split(model, ds, transform, cfg.retrieval.batch_size, 0, device, keep_fusion=False)
@@ -225,8 +257,8 @@ def _add_train_parsers(sub) -> None:
                 action="append",
                 default=[],
                 help="re-rankers (repeatable or comma-separated): none, itm, smr, "
-                "itm+smr, dual_softmax, inverted_softmax, galr; default all but "
-                "inverted_softmax (ITM ones only for models trained with ITM)",
+                "itm+smr, dual_softmax, inverted_softmax, galr; default all (ITM ones only "
+                "for models trained with ITM); each tuned on the val split",
             )
             p.add_argument("--out", help="folder for results_<split>.json (default: checkpoint)")
             p.add_argument(
@@ -281,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cmpagl.checkpoint import CheckpointError
     from cmpagl.config import ConfigError
     from cmpagl.data.dataset import DataError
-    from cmpagl.models.text import TextModelUnavailable
+    from cmpagl.models.pretrained import PretrainedUnavailable
 
     try:
         return args.func(args)
@@ -289,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError,
         ConfigError,
         CheckpointError,
-        TextModelUnavailable,
+        PretrainedUnavailable,  # Swin or text weights named but not loadable: one line, the fix
         FileNotFoundError,
         _UsageError,
     ) as e:

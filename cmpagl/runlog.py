@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cmpagl.distributed import Dist
+from cmpagl.fileio import atomic_write_text
 
 __all__ = [
     "LOG_FILE",
@@ -59,9 +60,8 @@ class JsonLog:
         if not (self.enabled and self.path.exists()):
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in keep), "utf-8")
-        os.replace(tmp, self.path)
+        # atomically: a crash here must leave the old log, not a torn one
+        atomic_write_text(self.path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in keep))
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -64,3 +64,55 @@ def test_data_synthetic_command(tmp_path, capsys):
     )
     assert (out / "dataset.json").is_file()
     assert main(["data", "stats", str(out), "--images", "--json"]) == 0
+
+
+def _train_args(small_synthetic, tmp_path, *sets: str) -> list[str]:
+    """``cmpagl train`` of a tiny model on the small synthetic set, with extra ``--set``s."""
+    args = ["train", "--config", "configs/synthetic_tiny.yaml"]
+    for s in (
+        f"output_dir={tmp_path / 'run'}",
+        f"data.root={small_synthetic}",
+        "data.image_size=64",
+        "model.gswin.img_size=64",
+        "model.gswin.embed_dim=16",
+        "model.gswin.depths=[2,2]",
+        "model.gswin.num_heads=[2,4]",
+        "train.device=cpu",
+        *sets,
+    ):
+        args += ["--set", s]
+    return args
+
+
+def test_train_stops_with_one_line_when_named_swin_weights_are_missing(
+    small_synthetic, repo_root, tmp_path, monkeypatch, capsys
+):
+    """No silent from-scratch Swin: offline and not cached, training never starts."""
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    name = "swin_tiny_patch4_window7_224"
+    args = _train_args(small_synthetic, tmp_path, f"model.gswin.pretrained={name}")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        f"cmpagl: error: cannot load the ImageNet weights of "
+        f"model.gswin.pretrained={name}: tried the local Hugging Face cache"
+    )
+    assert "HF_HUB_OFFLINE=0" in err and "--set model.gswin.pretrained=null" in err
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_train_stops_with_one_line_when_the_text_model_is_missing(
+    small_synthetic, repo_root, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "cmpagl-tests/no-such-bert"
+    assert main(_train_args(small_synthetic, tmp_path, f"model.text.name={name}")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"cmpagl: error: {name} is not in the local Hugging Face cache")

@@ -1,26 +1,27 @@
 """The Gswin image encoder (cmpagl.models.gswin, .gwg): equivalence with timm's Swin where the
 method says so (global_mode "off", and "add" with γ = 0), gradients, shapes, the effect of the
-global window, weight loading and attention maps. Small models, CPU, a few seconds each."""
+global window, weight loading (cmpagl.models.pretrained) and attention maps. Small models, CPU, a
+few seconds each."""
 
 from __future__ import annotations
 
 import time
-import warnings
 
 import pytest
+import timm
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from cmpagl.config import GswinConfig
+from cmpagl.config import GswinConfig, load_config
 from cmpagl.models.gswin import (
     GSWIN_PRESETS,
     GswinBlock,
     GswinTransformer,
     build_gswin,
     gswin_config,
-    load_pretrained_swin,
 )
 from cmpagl.models.gwg import GlobalWindowGeneration
+from cmpagl.models.pretrained import SwinWeightsUnavailable, load_pretrained_swin
 
 # img 64 / patch 4 = 16 tokens a side: stages of 16, 8 and 4 (the last one a single window).
 SMALL = dict(img_size=64, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
@@ -58,18 +59,57 @@ def images(cfg: GswinConfig, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def test_tiny_preset_is_the_config_default():
     assert gswin_config("tiny") == GswinConfig()
-    assert set(GSWIN_PRESETS) == {"tiny", "swin_t", "swin_b"}
+    assert set(GSWIN_PRESETS) == {"tiny", "swin_t"}
+
+
+def timm_shape(name: str) -> dict:
+    """The shape of timm model ``name`` as GswinConfig fields, read from timm itself (the source
+    of the weights), built on the meta device: no memory, no download."""
+    with torch.device("meta"):
+        swin = timm.create_model(name, pretrained=False)
+    return dict(
+        img_size=swin.patch_embed.img_size[0],
+        patch_size=swin.patch_embed.patch_size[0],
+        embed_dim=swin.embed_dim,
+        depths=tuple(len(stage.blocks) for stage in swin.layers),
+        num_heads=tuple(stage.blocks[0].attn.num_heads for stage in swin.layers),
+        window_size=swin.layers[0].blocks[0].window_size[0],
+        mlp_ratio=swin.layers[0].blocks[0].mlp.fc1.out_features / swin.embed_dim,
+    )
+
+
+def shape_of(cfg: GswinConfig) -> dict:
+    return {k: getattr(cfg, k) for k in timm_shape("swin_tiny_patch4_window7_224")}
+
+
+def test_swin_t_preset_has_the_shape_of_its_weights():
+    cfg = gswin_config("swin_t")
+    assert shape_of(cfg) == timm_shape(cfg.pretrained)
+    assert cfg.gamma_init == 0.0  # starts as exactly that Swin
+
+
+@pytest.mark.parametrize("dataset", ["base", "rsicd", "rsitmd", "ucm", "sydney"])
+def test_paper_recipe_is_the_one_source_of_the_swin_b_encoder(repo_root, dataset):
+    """configs/paper_base.yaml alone holds the paper-scale Gswin (there is no swin_b preset to
+    disagree with it, e.g. on drop_path_rate); its shape is that of the weights it names."""
+    gswin = load_config(repo_root / "configs" / f"paper_{dataset}.yaml").model.gswin
+    assert gswin.pretrained == "swin_base_patch4_window7_224"
+    assert shape_of(gswin) == timm_shape(gswin.pretrained)
+    assert (gswin.drop_path_rate, gswin.gamma_init, gswin.global_mode) == (0.3, 0.0, "add")
+    assert "swin_b" not in GSWIN_PRESETS
 
 
 def test_presets_and_overrides():
-    cfg = gswin_config("swin_b", pretrained=None, global_mode="concat")
+    cfg = gswin_config("swin_t", pretrained=None, global_mode="concat")
     assert (cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size) == (
-        128,
-        (2, 2, 18, 2),
-        (4, 8, 16, 32),
+        96,
+        (2, 2, 6, 2),
+        (3, 6, 12, 24),
         7,
     )
     assert cfg.global_mode == "concat" and cfg.pretrained is None
+    with pytest.raises(ValueError, match="unknown Gswin preset 'swin_b'"):
+        gswin_config("swin_b")
     with pytest.raises(ValueError, match="unknown Gswin preset 'swin_x'"):
         gswin_config("swin_x")
     with pytest.raises(TypeError):
@@ -109,9 +149,9 @@ def test_equals_timm_swin_when_global_window_is_off_or_gated_to_zero(shape, glob
         got = model.forward_features(x)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-5
-    assert report["ignored"] == ["head.fc.weight", "head.fc.bias"]
-    assert set(report["copied"]) == set(ref.state_dict()) - set(report["ignored"])
-    assert (report["new"] == []) == (global_mode == "off")
+    assert report.ignored == ["head.fc.weight", "head.fc.bias"]
+    assert set(report.copied) == set(ref.state_dict()) - set(report.ignored)
+    assert (report.new == []) == (global_mode == "off")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,13 +372,13 @@ def test_load_reports_copied_new_and_ignored_keys():
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     ref = timm_swin(cfg)
     report = load_pretrained_swin(model, state_dict=ref.state_dict())
-    assert report["loaded"] and report["source"] == "state_dict"
-    assert report["new"] == sorted(model.new_keys()) and len(report["new"]) > 0
-    assert all(any(s in k for s in ("gwg", "glwa", "gamma")) for k in report["new"])
+    assert report.source == "state_dict" and report.resized == []
+    assert report.new == sorted(model.new_keys()) and len(report.new) > 0
+    assert all(any(s in k for s in ("gwg", "glwa", "gamma")) for k in report.new)
     own = model.state_dict()
-    for key in report["copied"]:
+    for key in report.copied:
         assert torch.equal(own[key], ref.state_dict()[key]), key
-    for key in report["new"]:
+    for key in report.new:
         assert torch.equal(own[key], fresh[key]), key  # new parameters keep their fresh init
 
 
@@ -364,36 +404,37 @@ def test_load_resizes_relative_position_bias_of_another_window():
     state = timm_swin(small_cfg(window_size=2)).state_dict()  # tables of 3 x 3 offsets
     model = GswinTransformer(small_cfg())  # window 4: 7 x 7 offsets
     report = load_pretrained_swin(model, state_dict=state)
-    assert len(report["resized"]) == 4 and all("bias_table" in k for k in report["resized"])
+    assert len(report.resized) == 4 and all("bias_table" in k for k in report.resized)
 
 
 def test_load_needs_exactly_one_source():
     model = GswinTransformer(small_cfg())
     with pytest.raises(ValueError, match="exactly one"):
         load_pretrained_swin(model)
-    with pytest.raises(ValueError, match="not a timm model name"):
+    with pytest.raises(SwinWeightsUnavailable, match="swin_nonexistent_patch4 is not a timm model"):
         load_pretrained_swin(model, "swin_nonexistent_patch4")
 
 
-def test_offline_fetch_warns_once_and_returns_quickly(monkeypatch, tmp_path):
+def test_offline_fetch_without_cached_weights_stops_with_one_line(monkeypatch, tmp_path):
+    """No silent from-scratch Swin: the error names what was tried and both ways out."""
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
     model = GswinTransformer(small_cfg())
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = load_pretrained_swin(model, "swin_tiny_patch4_window7_224")
-    elapsed = time.perf_counter() - start
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1, messages
-    assert messages[0].startswith(
-        "could not fetch ImageNet weights for swin_tiny_patch4_window7_224 (offline?): "
-        "training the local path from scratch"
+    with pytest.raises(SwinWeightsUnavailable) as err:
+        load_pretrained_swin(model, "swin_tiny_patch4_window7_224")
+    assert time.perf_counter() - start < 5.0
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "cannot load the ImageNet weights of model.gswin.pretrained=swin_tiny_patch4_window7_224: "
+        "tried the local Hugging Face cache (HF_HUB_OFFLINE=1) [FileNotFoundError: "
     )
-    assert not report["loaded"] and report["copied"] == []
-    assert elapsed < 5.0, elapsed
+    assert "HF_HUB_OFFLINE=0" in message and "--set model.gswin.pretrained=null" in message
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +492,6 @@ def test_offline_fetch_loads_weights_from_the_local_hub_cache(monkeypatch, tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     model = GswinTransformer(cfg)
     report = load_pretrained_swin(model, name)
-    assert report["loaded"] and report["source"] == name
+    assert report.source == name and len(report.copied) == len(ref.state_dict()) - 2
     key = "layers.2.blocks.5.attn.qkv.weight"
     assert torch.equal(model.state_dict()[key], ref.state_dict()[key])

