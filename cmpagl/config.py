@@ -26,11 +26,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import enum
 import functools
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -39,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from cmpagl.fileio import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -159,7 +159,9 @@ class GswinConfig:
     gamma_init: float = 0.1
     # Skip GLWA where a stage's map is no larger than one window (it is already global).
     skip_single_window: bool = True
-    # timm Swin name whose ImageNet weights load into the local path (None: from scratch).
+    # timm Swin name whose ImageNet weights a fresh training run copies into the local path
+    # (cmpagl.models.pretrained.load_pretrained); if they cannot be loaded, training stops.
+    # None: Gswin trains from scratch.
     pretrained: str | None = None
 
 
@@ -194,6 +196,9 @@ class ModelConfig:
     momentum: float = 0.995
     # Momentum queue length (must be smaller than the training set). [decision] §1.3
     queue_size: int = 1024
+    # Momentum twins in train mode (dropout and drop path active, as in ALBEF) instead of eval
+    # mode (a deterministic teacher). [decision] §1.3, to be chosen on validation.
+    momentum_train_mode: bool = False
 
 
 @dataclass
@@ -206,6 +211,10 @@ class LossConfig:
     w_mlm: float = 1.0
     # Momentum distillation weight α of ITC (0: plain multi-positive targets). [decision] §2
     itc_alpha: float = 0.4
+    # Linear ramp of α from 0, in epochs (a float; 1.0 is ALBEF's one-epoch ramp), computed from
+    # the global optimizer step; 0 = the full α from the first step. [decision] §2, to be chosen
+    # on validation.
+    itc_alpha_warmup: float = 0.0
     # Triplet margin m. [decision] §2
     triplet_margin: float = 0.2
     # Hardest negative (VSE++) or sum over all negatives. [decision] §2
@@ -255,25 +264,46 @@ class TrainConfig:
 
 @dataclass
 class RetrievalConfig:
-    """Retrieval, ITM re-scoring and re-ranking (METHOD.md §3)."""
+    """Retrieval, ITM re-scoring and re-ranking (METHOD.md §3).
+
+    Every re-ranker's settings are chosen on the validation split by one grid search
+    (``cmpagl.rerank.grid_search``), "no re-ranking" always a candidate. Each ``*_grid_*`` key
+    is one axis of that grid; an empty axis stands for its fixed value (the key without
+    ``grid_``), and a re-ranker whose axes are all empty uses its fixed values with no search.
+    """
 
     # Batch size for embedding images/captions and for ITM re-scoring.
     batch_size: int = 64
-    # Candidates per query re-scored by the ITM head (S_raw = S_itc + p_match on them).
+    # Candidates per query re-scored by the ITM head (S_raw = S_itc + p_match on them). The
+    # validation split scores the largest k of the grid once; smaller k reuse those p_match.
     itm_k: int = 16
+    itm_grid_k: tuple[int, ...] = (2, 4, 8, 16, 32)
     # SMR: W_map = row-softmax(S/τ_s) ⊙ column-softmax(S/τ_s) on each query's top-k, scaled per
-    # query to [0, 1]; S_opt = S_raw + λ·W_map. Chosen on the validation split by grid search.
+    # query to [0, 1]; S_opt = S_raw + λ·W_map (λ = 0 is "no re-ranking", always tried).
     smr_tau: float = 0.05
     smr_k: int = 10
     smr_lambda: float = 0.1
-    smr_grid_tau: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
-    smr_grid_k: tuple[int, ...] = (5, 10, 20)
-    smr_grid_lambda: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
-    # Dual softmax baseline temperature.
+    smr_grid_tau: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    smr_grid_k: tuple[int, ...] = (2, 5, 10, 20, 50)
+    smr_grid_lambda: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+    # Scaling of W_map to [0, 1] per query over its top-k: divide by the maximum ("max") or
+    # min-max ("minmax"). [decision] §3
+    smr_scale: Literal["max", "minmax"] = "max"
+    # Dual softmax (Cheng et al. 2021) and inverted softmax (Smith et al. 2017) temperatures.
     dual_softmax_tau: float = 0.01
-    # GaLR multivariate re-rank (Yuan et al. 2022): candidates per query (its weights are the
-    # defaults of cmpagl.rerank.galr_rerank).
+    dual_softmax_grid_tau: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    inverted_softmax_tau: float = 0.01
+    inverted_softmax_grid_tau: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    # GaLR multivariate re-rank (Yuan et al. 2022): candidates per query k, weights wp1 (p1)
+    # and wp2 (p3), rank decay; the fixed values are the public code's defaults.
     galr_k: int = 10
+    galr_wp1: float = 1.0
+    galr_wp2: float = 0.7
+    galr_decay: float = 0.05
+    galr_grid_k: tuple[int, ...] = (2, 5, 10, 20, 50)
+    galr_grid_wp1: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    galr_grid_wp2: tuple[float, ...] = (0.0, 0.35, 0.7, 1.4)
+    galr_grid_decay: tuple[float, ...] = (0.02, 0.05, 0.1)
 
 
 @dataclass
@@ -385,10 +415,10 @@ def from_dict(
 ) -> T:
     """Build dataclass ``cls`` from a plain mapping, checking every key and type.
 
-    Missing keys take the dataclass defaults. Supported field types: int, float (an int is
-    accepted), bool (only a real bool), str, Path (from str), Enum (by value or name),
-    ``X | None``, ``Literal[...]``, ``tuple[X, ...]``, fixed ``tuple[X, Y]``, ``list[X]``,
-    ``dict[K, V]``, nested dataclasses and ``Any``.
+    Missing keys take the dataclass defaults. Field types: the ones the configs use, and only
+    those: int, float (an int is accepted), bool (only a real bool), str, ``Literal[...]``,
+    ``X | None``, ``tuple[X, ...]``, fixed ``tuple[X, Y, ...]`` (a YAML list for either) and
+    nested dataclasses.
 
     Args:
         cls: the dataclass type to build.
@@ -400,6 +430,8 @@ def from_dict(
     Raises:
         ConfigError: unknown key (with the closest valid key), wrong type, value outside a
             Literal, or missing required key; the message names the dotted key and the source.
+        TypeError: a field given in ``data`` has an annotation of another kind (a mistake in
+            the dataclass, not in the YAML).
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
@@ -442,23 +474,32 @@ def _unknown_key_error(where: _Sources, path: KeyPath, valid: list[str]) -> Conf
     return ConfigError(f"{source}: unknown key '{dotted}'; {hint}", key=dotted, source=source)
 
 
+_SUPPORTED = (
+    "bool, int, float, str, Literal[...], X | None, tuple[X, ...], a fixed tuple[X, Y, ...] or "
+    "a nested config dataclass"
+)
+
+
+def _unsupported(tp: Any, path: KeyPath) -> TypeError:
+    return TypeError(
+        f"config field {_dotted(path)} has an unsupported annotation {_type_name(tp)}; "
+        f"a config field is a {_SUPPORTED}"
+    )
+
+
 def _convert(tp: Any, value: Any, path: KeyPath, where: _Sources) -> Any:
     """Check ``value`` against annotation ``tp`` and return it in the field's Python type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
     if origin in (Union, types.UnionType):
-        return _convert_union(tp, args, value, path, where)
+        return _convert_optional(tp, args, value, path, where)
     if origin is Literal:
         for allowed in args:  # compare types too: True == 1 must not pass for Literal[1]
             if value == allowed and type(value) is type(allowed):
                 return allowed
         allowed_text = ", ".join(repr(a) for a in args)
         raise _error(where, path, f"expected one of {allowed_text}, got {_describe(value)}")
-    if origin is tuple or origin is list:
-        return _convert_sequence(tp, origin, args, value, path, where)
-    if origin is dict or origin is Mapping or tp is dict:
-        return _convert_mapping(tp, args, value, path, where)
+    if origin is tuple and args:
+        return _convert_tuple(tp, args, value, path, where)
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path, where)
     return _convert_scalar(tp, value, path, where)
@@ -478,61 +519,39 @@ def _convert_scalar(tp: Any, value: Any, path: KeyPath, where: _Sources) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif isinstance(tp, type) and issubclass(tp, Path):
-        if isinstance(value, (str, os.PathLike)):
-            return tp(value)
-    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return _convert_enum(tp, value, path, where)
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
     else:
-        raise TypeError(f"config field {_dotted(path)} has an unsupported annotation {tp!r}")
+        raise _unsupported(tp, path)
     raise _type_error(where, path, tp, value)
 
 
-def _convert_enum(tp: type[enum.Enum], value: Any, path: KeyPath, where: _Sources) -> Any:
-    if isinstance(value, tp):
-        return value
-    for member in tp:
-        if value == member.value or value == member.name:
-            return member
-    allowed = ", ".join(repr(m.value) for m in tp)
-    raise _error(where, path, f"expected one of {allowed} ({tp.__name__}), got {_describe(value)}")
-
-
-def _convert_union(
+def _convert_optional(
     tp: Any, args: tuple[Any, ...], value: Any, path: KeyPath, where: _Sources
 ) -> Any:
-    if value is None and type(None) in args:
+    """``X | None``: None, or a value of X."""
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) != 1 or len(args) != 2:
+        raise _unsupported(tp, path)
+    if value is None:
         return None
-    candidates = [a for a in args if a is not type(None)]
-    for candidate in candidates:
-        try:
-            return _convert(candidate, value, path, where)
-        except ConfigError as err:
-            # With one candidate (Optional[X]) an error deeper inside the value is more useful
-            # than "expected X | None", so it is passed on unchanged.
-            if len(candidates) == 1 and err.key != _dotted(path):
-                raise
+    try:
+        return _convert(inner[0], value, path, where)
+    except ConfigError as err:
+        # An error deeper inside the value (an item of a tuple) is more useful as it is; one
+        # about the value itself should say that None was allowed too.
+        if err.key != _dotted(path):
+            raise
     raise _type_error(where, path, tp, value)
 
 
-def _convert_sequence(
-    tp: Any, origin: Any, args: tuple[Any, ...], value: Any, path: KeyPath, where: _Sources
-) -> Any:
-    # A str is a Sequence too, but "abc" for a list[str] is a mistake, not ["a", "b", "c"].
+def _convert_tuple(
+    tp: Any, args: tuple[Any, ...], value: Any, path: KeyPath, where: _Sources
+) -> tuple[Any, ...]:
+    """``tuple[X, ...]`` (any length) or a fixed ``tuple[X, Y, ...]``, from a YAML list."""
+    # A str is a Sequence too, but "abc" for a tuple[str, ...] is a mistake, not ("a", "b", "c").
     if not isinstance(value, (list, tuple)):
         raise _type_error(where, path, tp, value)
-    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
-        item_tp = args[0] if args else Any
-        items = [_convert(item_tp, v, (*path, i), where) for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if not args:  # bare tuple
-        return tuple(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(args[0], v, (*path, i), where) for i, v in enumerate(value))
     if len(value) != len(args):
         raise _error(
             where,
@@ -543,35 +562,16 @@ def _convert_sequence(
     return tuple(_convert(a, v, (*path, i), where) for i, (a, v) in pairs)
 
 
-def _convert_mapping(
-    tp: Any, args: tuple[Any, ...], value: Any, path: KeyPath, where: _Sources
-) -> dict[Any, Any]:
-    if not isinstance(value, Mapping):
-        raise _type_error(where, path, tp, value)
-    key_tp, value_tp = args if args else (Any, Any)
-    out = {}
-    for k, v in value.items():
-        key = _convert(key_tp, k, (*path, str(k)), where)
-        out[key] = _convert(value_tp, v, (*path, str(k)), where)
-    return out
-
-
 def to_dict(cfg: Any) -> Any:
     """Turn a config dataclass into plain YAML-able values; ``from_dict`` inverts it.
 
-    Dataclasses become dicts (init fields only, in declaration order), tuples become lists,
-    Paths become str and Enums their value.
+    Dataclasses become dicts (init fields only, in declaration order) and tuples lists; every
+    other field value (bool, int, float, str, None) is already plain.
     """
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
-    if isinstance(cfg, Mapping):
-        return {to_dict(k): to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
-    if isinstance(cfg, enum.Enum):
-        return to_dict(cfg.value)
-    if isinstance(cfg, os.PathLike):
-        return os.fspath(cfg)
     return cfg
 
 
@@ -792,20 +792,10 @@ def load_config(
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Write config dataclass ``cfg`` as YAML to ``path`` atomically and return the path.
 
-    The file is written to a temporary file in the same folder and then renamed over ``path``,
-    so a crash never leaves a half-written config beside a checkpoint.
+    :func:`cmpagl.fileio.atomic_write_text` writes a temporary file in the same folder and
+    renames it over ``path``, so a crash never leaves a half-written config beside a checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(
         to_dict(cfg), Dumper=_yaml_classes()[1], sort_keys=False, default_flow_style=None
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

@@ -6,11 +6,11 @@ open_clip's ``loss.py``), and :func:`combine_losses` weights them with :class:`L
     L = w_itc·L_itc + w_tri·L_otri + w_itm·L_itm + w_mlm·L_mlm
 
 * ``"itc"``: :func:`itc_loss`, ALBEF ITC with several positives per image and optional
-  momentum distillation;
+  momentum distillation, whose weight α may ramp up linearly (:func:`itc_alpha_at`);
 * ``"tri"``: :func:`optimized_triplet_loss`, L_otri = L_tri (:func:`triplet_loss`)
   + λ_intra·L_intra (:func:`intra_class_loss`);
 * ``"itm"``: :func:`itm_loss`, CE over B positives and 2B hard negatives drawn by
-  :func:`itm_hard_negatives`;
+  :func:`itm_hard_negatives` and laid out as pairs by :func:`itm_pairs`;
 * ``"mlm"``: :func:`mlm_loss`, CE over the masked tokens.
 
 An image has several captions, so "positive" always means "same image id", never "same row".
@@ -35,9 +35,11 @@ __all__ = [
     "active_terms",
     "combine_losses",
     "intra_class_loss",
+    "itc_alpha_at",
     "itc_loss",
     "itm_hard_negatives",
     "itm_loss",
+    "itm_pairs",
     "mlm_loss",
     "optimized_triplet_loss",
     "triplet_loss",
@@ -171,6 +173,45 @@ def itc_loss(
             targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets_t2i
 
     return 0.5 * (_soft_ce(sim_i2t, targets_i2t) + _soft_ce(sim_t2i, targets_t2i))
+
+
+def itc_alpha_at(alpha: float, warmup_epochs: float, step: int, steps_per_epoch: int) -> float:
+    """The distillation weight α in use at optimizer step ``step`` (``LossConfig.itc_alpha``).
+
+    ALBEF ramps α linearly from 0 over its first epoch (``alpha · min(1, i / len(loader))`` in
+    epoch 0, with i the 0-based batch index); ``warmup_epochs`` generalises that length:
+
+        α(step) = alpha · min(1, step / (warmup_epochs · steps_per_epoch))
+
+    ``warmup_epochs = 1`` is ALBEF's ramp and 0 means no ramp (α = ``alpha`` from the first
+    step). The value depends on the global step only, so a resumed run uses the same α as an
+    uninterrupted one.
+
+    Args:
+        alpha: the full weight α (``loss.itc_alpha``), reached at the end of the ramp.
+        warmup_epochs: ramp length in epochs, a float (``loss.itc_alpha_warmup``); 0 = no ramp.
+        step: optimizer steps completed before the current batch (0 for the first batch).
+        steps_per_epoch: optimizer steps in one epoch of this process (its loader's length).
+
+    Returns:
+        α for the current batch, in [0, alpha].
+
+    Raises:
+        ValueError: a negative ``warmup_epochs`` or ``step``, or a ramp without a positive
+            ``steps_per_epoch``.
+    """
+    if warmup_epochs < 0:
+        raise ValueError(f"loss.itc_alpha_warmup must be >= 0 (epochs), got {warmup_epochs}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_epochs == 0:
+        return float(alpha)
+    if steps_per_epoch <= 0:
+        raise ValueError(
+            f"loss.itc_alpha_warmup = {warmup_epochs} needs the steps per epoch, got "
+            f"{steps_per_epoch}"
+        )
+    return float(alpha) * min(1.0, step / (warmup_epochs * steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +380,42 @@ def itm_hard_negatives(
         return torch.where(has_neg, idx, -1)
 
     return draw(logits), draw(logits.t())
+
+
+@torch.no_grad()
+def itm_pairs(neg_text_idx: Tensor, neg_image_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The (text row, image row, label) of every pair ITM scores, from the sampled negatives.
+
+    With B pairs in the batch the order is:
+
+    1. the B positives ``(b, b)``, label 1;
+    2. for each image i with a negative, ``(neg_text_idx[i], i)``, label 0;
+    3. for each text t with a negative, ``(t, neg_image_idx[t])``, label 0.
+
+    Rows whose index is ``-1`` (no other image id in the batch, see
+    :func:`itm_hard_negatives`) are left out, so normally M = 2B negatives follow the
+    positives, and none when the batch shows a single image.
+
+    Args:
+        neg_text_idx: [B] hard negative text row of each image, ``-1`` where none exists.
+        neg_image_idx: [B] hard negative image row of each text, ``-1`` where none exists.
+
+    Returns:
+        ``(text_idx, image_idx, labels)``: three [B + M] int64 tensors on the inputs' device;
+        pair k fuses text row ``text_idx[k]`` with image row ``image_idx[k]``.
+    """
+    if neg_text_idx.ndim != 1 or neg_text_idx.shape != neg_image_idx.shape:
+        raise ValueError(
+            "neg_text_idx and neg_image_idx: expected the same shape [B], got "
+            f"{list(neg_text_idx.shape)} and {list(neg_image_idx.shape)}"
+        )
+    rows = torch.arange(neg_text_idx.shape[0], device=neg_text_idx.device)
+    ok_i, ok_t = neg_text_idx >= 0, neg_image_idx >= 0
+    text_idx = torch.cat([rows, neg_text_idx[ok_i], rows[ok_t]])
+    image_idx = torch.cat([rows, rows[ok_i], neg_image_idx[ok_t]])
+    labels = torch.zeros_like(text_idx)
+    labels[: rows.shape[0]] = 1
+    return text_idx, image_idx, labels
 
 
 def itm_loss(logits_pos: Tensor, logits_neg: Tensor, neg_valid: Tensor | None = None) -> Tensor:

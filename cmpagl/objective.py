@@ -3,6 +3,8 @@
 This is the only place where model features meet the loss functions of :mod:`cmpagl.losses`.
 A term whose weight is 0 is not computed at all: with ``w_itm = w_mlm = 0`` the multimodal
 encoder never runs, with ``w_itc = 0`` the momentum encoders and queue are left alone.
+The distillation weight α of ITC follows the global optimizer step when ``loss.itc_alpha_warmup``
+sets a ramp (:func:`cmpagl.losses.itc_alpha_at`), so the caller passes the step it is at.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from cmpagl.config import LossConfig
 from cmpagl.losses import (
     active_terms,
     combine_losses,
+    itc_alpha_at,
     itc_loss,
     itm_hard_negatives,
     itm_loss,
+    itm_pairs,
     mlm_loss,
     optimized_triplet_loss,
 )
@@ -34,12 +38,11 @@ def _itc_term(
     tok: dict,
     ids: Tensor,
     temp: Tensor,
-    cfg: LossConfig,
+    alpha: float,
 ) -> Tensor:
-    """ITC against the momentum batch + queue (with distillation α), or in-batch without them."""
+    """ITC against the momentum batch + queue (with distillation weight ``alpha``), or in-batch
+    without momentum encoders (then ``alpha`` must be 0)."""
     if not model.use_momentum:
-        if cfg.itc_alpha > 0:
-            raise ValueError("loss.itc_alpha > 0 needs the momentum encoders (use_momentum=True)")
         return itc_loss(img.embed, txt.embed, ids, temp)
     with torch.no_grad():
         model.momentum_update()
@@ -55,7 +58,7 @@ def _itc_term(
         image_feat_all=image_all,
         text_feat_all=text_all,
         ids_all=ids_all,
-        alpha=cfg.itc_alpha,
+        alpha=alpha,
     )
     model.queue.enqueue(img_m, txt_m, ids)  # after the loss: a batch is never its own queue
     return loss
@@ -70,19 +73,14 @@ def _itm_term(
     generator: torch.Generator | None,
 ) -> Tensor:
     """ITM on B positive pairs and up to 2B hard negatives drawn by ITC similarity (§2, ITM)."""
-    fused_pos = model.fuse(txt.hidden, txt.mask, img.fusion)
     with torch.no_grad():
         sim = img.embed @ txt.embed.t() / temp
         neg_text, neg_image = itm_hard_negatives(sim, ids, generator=generator)
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    ok_i, ok_t = neg_text >= 0, neg_image >= 0  # rows without another image id are skipped
-    text_idx = torch.cat([neg_text[ok_i], rows[ok_t]])  # image i + its hard text; text t + ...
-    image_idx = torch.cat([rows[ok_i], neg_image[ok_t]])  # ... its hard image
-    logits_pos = model.itm_logits(fused_pos)
-    if text_idx.numel() == 0:
-        return itm_loss(logits_pos, logits_pos[:0])
-    fused_neg = model.fuse(txt.hidden[text_idx], txt.mask[text_idx], img.fusion[image_idx])
-    return itm_loss(logits_pos, model.itm_logits(fused_neg))
+        text_idx, image_idx, labels = itm_pairs(neg_text, neg_image)  # [B + M] each
+    # One pass of the multimodal encoder over all B + M pairs.
+    fused = model.fuse(txt.hidden[text_idx], txt.mask[text_idx], img.fusion[image_idx])
+    logits = model.itm_logits(fused)  # [B + M, 2]
+    return itm_loss(logits[labels == 1], logits[labels == 0])
 
 
 def _mlm_term(
@@ -110,6 +108,9 @@ def compute_losses(
     image_ids: Tensor,
     cfg: LossConfig,
     generator: torch.Generator | None = None,
+    *,
+    step: int = 0,
+    steps_per_epoch: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
     """One training batch -> ``(total loss, logs)``.
 
@@ -119,19 +120,29 @@ def compute_losses(
         image_ids: [B] image ids (pairs of the same image are positives of each other).
         cfg: loss weights and parameters; terms with weight 0 are skipped entirely.
         generator: torch RNG for the ITM negatives and MLM masking (reproducible runs).
+        step: optimizer steps done before this batch (0-based global step); with
+            ``steps_per_epoch`` it sets α on the ``loss.itc_alpha_warmup`` ramp.
+        steps_per_epoch: optimizer steps per epoch of this process; needed only when
+            ``loss.itc_alpha_warmup > 0``.
 
     Returns:
-        The weighted total (with gradient) and floats of each term, ``total`` and ``temp``.
+        The weighted total (with gradient) and floats of each term, ``total``, ``temp`` and,
+        when ITC is active, ``itc_alpha`` (the α used for this batch).
     """
     active = active_terms(cfg)
     ids = image_ids.to(images.device)
+    alpha = 0.0
+    if "itc" in active:
+        if cfg.itc_alpha > 0 and not model.use_momentum:
+            raise ValueError("loss.itc_alpha > 0 needs the momentum encoders (use_momentum=True)")
+        alpha = itc_alpha_at(cfg.itc_alpha, cfg.itc_alpha_warmup, step, steps_per_epoch)
     tok = model.tokenize(captions, images.device)
     img = model.encode_image(images)
     txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
     temp = model.temperature()
     terms: dict[str, Tensor] = {}
     if "itc" in active:
-        terms["itc"] = _itc_term(model, img, txt, images, tok, ids, temp, cfg)
+        terms["itc"] = _itc_term(model, img, txt, images, tok, ids, temp, alpha)
     if "tri" in active:
         terms["tri"] = optimized_triplet_loss(
             img.embed,
@@ -147,4 +158,6 @@ def compute_losses(
         terms["mlm"] = _mlm_term(model, img, tok, cfg, generator)
     total, logs = combine_losses(terms, cfg)
     logs["temp"] = float(temp.detach())
+    if "itc" in active:
+        logs["itc_alpha"] = alpha
     return total, logs

@@ -364,7 +364,14 @@ class _Run:
         images = images.to(self.ctx.device, non_blocking=True)
         with self._autocast():
             loss, logs = compute_losses(
-                self.model, images, captions, ids, self.cfg.loss, self.generator
+                self.model,
+                images,
+                captions,
+                ids,
+                self.cfg.loss,
+                self.generator,
+                step=self.step,  # steps done so far (restored on resume): α's ramp position
+                steps_per_epoch=self.steps_per_epoch,
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -617,11 +624,15 @@ def _prepare(
 ) -> _Run:
     """Data, model, optimizer; the checkpoint's state when resuming."""
     from cmpagl.models.cmpagl import build_model
+    from cmpagl.models.pretrained import load_pretrained
 
     resume_dir = find_checkpoint(resume, prefer="last") if resume is not None else None
     data = _load_data(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = build_model(cfg.model).to(ctx.device)
+    model = build_model(cfg.model)
+    if resume_dir is None:  # a fresh run starts from pretrained weights, a resumed one from its
+        load_pretrained(model)  # checkpoint; raises PretrainedUnavailable rather than go on
+    model = model.to(ctx.device)
     broadcast_model(model, ctx)
     run = _Run(cfg, ctx, model, data, on_step, config_path)
     seed_everything(cfg.seed + ctx.rank)  # dropout differs between processes

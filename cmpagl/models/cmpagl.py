@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from cmpagl.config import ModelConfig
 from cmpagl.models.gswin import build_gswin
 from cmpagl.models.momentum import FeatureQueue, ema_update, momentum_copy
-from cmpagl.models.text import build_text_encoders
+from cmpagl.models.text import build_text_encoders, pool_text, tokenize_captions
 
 
 @dataclass
@@ -48,6 +48,9 @@ class CMPAGL(nn.Module):
     ``fusion_encoder`` (BERT layers [N0/2, N0) + cross-attention), ``itm_head`` (D -> 2),
     ``mlm_head`` (tied to the word embeddings), ``temp`` (τ). Momentum twins ``*_m`` of the
     visual/text encoders and projections feed the ITC queues (§1.3).
+
+    Built with fresh weights (the BERT architecture from the checkpoint's config, and its
+    tokenizer); :func:`cmpagl.models.pretrained.load_pretrained` copies pretrained weights in.
     """
 
     def __init__(self, cfg: ModelConfig, use_momentum: bool = True) -> None:
@@ -75,25 +78,14 @@ class CMPAGL(nn.Module):
 
     # -- encoders ---------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str], device: torch.device | None = None) -> dict:
-        """Captions -> ``input_ids`` / ``attention_mask`` [B, L] (padded to the longest)."""
-        enc = self.tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.text.max_length,
-            return_tensors="pt",
-        )
+        """Captions -> ``input_ids`` / ``attention_mask`` [B, L] (padded to the longest), on
+        ``device`` (default: the model's); see :func:`~cmpagl.models.text.tokenize_captions`."""
         device = device or self.temp.device
-        return {
-            "input_ids": enc["input_ids"].to(device),
-            "attention_mask": enc["attention_mask"].to(device),
-        }
+        return tokenize_captions(self.tokenizer, captions, self.cfg.text.max_length, device)
 
     def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        if self.cfg.text.pooling == "cls":
-            return hidden[:, 0]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        """[B, L, D] -> [B, D] by ``model.text.pooling`` (:func:`~cmpagl.models.text.pool_text`)."""
+        return pool_text(hidden, mask, self.cfg.text.pooling)
 
     def encode_image(self, images: Tensor) -> ImageFeatures:
         """Images [B, 3, H, W] -> :class:`ImageFeatures` (§1.1 tokens, §1.3 embedding v)."""
@@ -146,13 +138,19 @@ class CMPAGL(nn.Module):
         return F.normalize(v, dim=-1), F.normalize(t, dim=-1)
 
     def train(self, mode: bool = True) -> CMPAGL:
+        """Set train/eval mode; the momentum twins follow ``mode`` only when
+        ``model.momentum_train_mode`` is on (ALBEF: dropout and drop path in the teacher too),
+        and otherwise always run in eval mode (a deterministic teacher, the default)."""
         super().train(mode)
-        if self.use_momentum:  # momentum twins never use dropout / drop-path
+        if self.use_momentum and not self.cfg.momentum_train_mode:
             for m in self._momentum_pairs()[1]:
                 m.eval()
         return self
 
 
 def build_model(cfg: ModelConfig, use_momentum: bool = True) -> CMPAGL:
-    """The CMPAGL model for a :class:`~cmpagl.config.ModelConfig`."""
+    """The CMPAGL model for a :class:`~cmpagl.config.ModelConfig`: the architecture with fresh
+    weights. For training from pretrained weights (ImageNet Swin, the BERT of ``text.name``)
+    call :func:`cmpagl.models.pretrained.load_pretrained` on it; for a trained model, load a
+    checkpoint (:func:`cmpagl.checkpoint.load_checkpoint`)."""
     return CMPAGL(cfg, use_momentum=use_momentum)
