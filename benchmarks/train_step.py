@@ -149,7 +149,11 @@ def measure(config: str, overrides: list[str], batch: int, steps: int, profile: 
 # --------------------------------------------------------------------------------------------
 def _run_in(tree: Path, argv: list[str]) -> dict:
     """This script, importing the library of ``tree``; returns its JSON result."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    from cmpagl.paths import shared_data_dir
+
+    # The same captions for both trees: a worktree's ../shared is not this checkout's.
+    data = str(shared_data_dir())
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "CMPAGL_DATA": data}
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     try:

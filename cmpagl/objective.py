@@ -64,41 +64,55 @@ def _itc_term(
     return loss
 
 
-def _itm_term(
-    model: CMPAGL,
-    img: ImageFeatures,
-    txt: TextFeatures,
-    ids: Tensor,
-    temp: Tensor,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """ITM on B positive pairs and up to 2B hard negatives drawn by ITC similarity (§2, ITM)."""
+def _itm_pairs(
+    img: ImageFeatures, txt: TextFeatures, ids: Tensor, temp: Tensor, generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ITM's B positive pairs and up to 2B hard negatives drawn by ITC similarity (§2, ITM):
+    text index, image index and label of each pair, ``[B + M]`` each (see ``itm_pairs``)."""
     with torch.no_grad():
         sim = img.embed @ txt.embed.t() / temp
         neg_text, neg_image = itm_hard_negatives(sim, ids, generator=generator)
-        text_idx, image_idx, labels = itm_pairs(neg_text, neg_image)  # [B + M] each
-    # One pass of the multimodal encoder over all B + M pairs.
-    fused = model.fuse(txt.hidden[text_idx], txt.mask[text_idx], img.fusion[image_idx])
-    logits = model.itm_logits(fused)  # [B + M, 2]
-    return itm_loss(logits[labels == 1], logits[labels == 0])
+        return itm_pairs(neg_text, neg_image)
 
 
-def _mlm_term(
-    model: CMPAGL, img: ImageFeatures, tok: dict, cfg: LossConfig, generator: torch.Generator | None
-) -> Tensor:
-    """MLM: masked captions through both halves of BERT, conditioned on the image (§2, MLM)."""
-    masked, labels = mask_tokens(
-        tok["input_ids"],
-        tok["attention_mask"],
-        model.tokenizer,
-        prob=cfg.mlm_prob,
-        generator=generator,
-    )
-    hidden = model.text_encoder(masked, tok["attention_mask"])
-    fused = model.fuse(hidden, tok["attention_mask"], img.fusion)
-    picked = labels != -100  # the vocabulary projection only where there is something to predict
-    logits = model.mlm_logits(fused[picked])  # [M, V]
-    return mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0))
+def _fusion_terms(
+    model: CMPAGL,
+    img: ImageFeatures,
+    txt: TextFeatures,
+    itm: tuple[Tensor, Tensor, Tensor] | None,
+    mlm: tuple[Tensor, Tensor] | None,
+) -> dict[str, Tensor]:
+    """ITM and MLM from ONE pass of the multimodal encoder (§2, ITM and MLM).
+
+    ``itm``: (text index, image index, label) of the ITM pairs; ``mlm``: (the text encoder's
+    states of the masked captions [B, L, D], labels [B, L]). Rows of both are stacked into one
+    batch: every row attends only to its own text and image, so the outputs are those of
+    separate passes, and one pass of B + M + B rows keeps the CPU's matrix products larger.
+    """
+    hidden, masks, images = [], [], []
+    if itm is not None:
+        text_idx, image_idx, _ = itm
+        hidden.append(txt.hidden[text_idx])
+        masks.append(txt.mask[text_idx])
+        images.append(img.fusion[image_idx])
+    if mlm is not None:
+        hidden.append(mlm[0])
+        masks.append(txt.mask)
+        images.append(img.fusion)
+    fused = model.fuse(torch.cat(hidden), torch.cat(masks), torch.cat(images))
+    terms: dict[str, Tensor] = {}
+    n_itm = 0
+    if itm is not None:
+        labels = itm[2]
+        n_itm = labels.shape[0]
+        logits = model.itm_logits(fused[:n_itm])  # [B + M, 2]
+        terms["itm"] = itm_loss(logits[labels == 1], logits[labels == 0])
+    if mlm is not None:
+        labels = mlm[1]
+        picked = labels != -100  # the vocabulary projection only where there is a target
+        logits = model.mlm_logits(fused[n_itm:][picked])  # [P, V]
+        terms["mlm"] = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0))
+    return terms
 
 
 def compute_losses(
@@ -138,7 +152,18 @@ def compute_losses(
         alpha = itc_alpha_at(cfg.itc_alpha, cfg.itc_alpha_warmup, step, steps_per_epoch)
     tok = model.tokenize(captions, images.device)
     img = model.encode_image(images)
-    txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+    mask = tok["attention_mask"]
+    if "mlm" in active:
+        # The clean and the masked captions go through the text encoder as one batch of 2B.
+        masked, mlm_labels = mask_tokens(
+            tok["input_ids"], mask, model.tokenizer, prob=cfg.mlm_prob, generator=generator
+        )
+        hidden = model.text_encoder(torch.cat([tok["input_ids"], masked]), mask.repeat(2, 1))
+        n = mask.shape[0]
+        txt = model.text_features(hidden[:n], mask)
+        mlm = (hidden[n:], mlm_labels)
+    else:
+        txt, mlm = model.encode_text(tok["input_ids"], mask), None
     temp = model.temperature()
     terms: dict[str, Tensor] = {}
     if "itc" in active:
@@ -152,10 +177,9 @@ def compute_losses(
             reduction=cfg.triplet_reduction,
             lambda_intra=cfg.lambda_intra,
         )
-    if "itm" in active:
-        terms["itm"] = _itm_term(model, img, txt, ids, temp, generator)
-    if "mlm" in active:
-        terms["mlm"] = _mlm_term(model, img, tok, cfg, generator)
+    if "itm" in active or "mlm" in active:
+        itm = _itm_pairs(img, txt, ids, temp, generator) if "itm" in active else None
+        terms.update(_fusion_terms(model, img, txt, itm, mlm))
     total, logs = combine_losses(terms, cfg)
     logs["temp"] = float(temp.detach())
     if "itc" in active:

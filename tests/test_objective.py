@@ -153,7 +153,7 @@ def test_objective_fuses_exactly_the_itm_pairs_with_their_labels(model, monkeypa
     assert torch.equal(hidden, txt.hidden[text_idx]) and torch.equal(mask, txt.mask[text_idx])
     assert torch.equal(image_tokens, img.fusion[image_idx])
     logits = head.calls[0][2]
-    assert head.calls[0][0][0] is fused and logits.shape == (3 * b, 2)
+    assert torch.equal(head.calls[0][0][0], fused) and logits.shape == (3 * b, 2)
     logits_pos, logits_neg = loss_rec.calls[0][0]  # itm_loss labels them 1 and 0
     assert torch.equal(logits_pos, logits[:b]) and torch.equal(logits_neg, logits[b:])
 
@@ -305,3 +305,34 @@ def test_twins_follow_train_mode_with_the_switch():
     assert not any(m.training for m in twin_modules(model))
     (v1, t1), (v2, t2) = momentum_twice(model)
     assert torch.equal(v1, v2) and torch.equal(t1, t2)
+
+
+# ----------------------------------------------------------------------------------------------
+# One batched pass equals separate passes (the CPU speed-up changes no number)
+# ----------------------------------------------------------------------------------------------
+def test_batched_text_and_fusion_passes_equal_separate_passes(model):
+    """The clean and masked captions share one text-encoder pass, ITM and MLM one fusion pass;
+    without dropout each row's output is what its own pass gives (rows never attend across)."""
+    model.eval()  # dropout off: the batched and separate passes are then deterministic
+    tok = model.tokenize(CAPTIONS)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    masked, labels = objective.mask_tokens(
+        ids, mask, model.tokenizer, prob=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        img = model.encode_image(images())
+        both = model.text_encoder(torch.cat([ids, masked]), mask.repeat(2, 1))
+        txt = model.encode_text(ids, mask)
+        torch.testing.assert_close(both[: len(CAPTIONS)], txt.hidden, atol=1e-5, rtol=1e-5)
+        hidden_masked = model.text_encoder(masked, mask)
+        torch.testing.assert_close(both[len(CAPTIONS) :], hidden_masked, atol=1e-5, rtol=1e-5)
+        itm = objective._itm_pairs(img, txt, IDS, model.temperature(), torch.Generator())
+        mlm = (hidden_masked, labels)
+        joint = objective._fusion_terms(model, img, txt, itm, mlm)
+        alone = {
+            **objective._fusion_terms(model, img, txt, itm, None),
+            **objective._fusion_terms(model, img, txt, None, mlm),
+        }
+    assert set(joint) == {"itm", "mlm"}
+    for name in joint:
+        torch.testing.assert_close(joint[name], alone[name], atol=1e-5, rtol=1e-5)

@@ -95,7 +95,10 @@ class CMPAGL(nn.Module):
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """Token ids [B, L] -> :class:`TextFeatures` (text-encoder half of BERT, §1.2/§1.3)."""
-        hidden = self.text_encoder(input_ids, attention_mask)
+        return self.text_features(self.text_encoder(input_ids, attention_mask), attention_mask)
+
+    def text_features(self, hidden: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """Text-encoder states [B, L, D] -> :class:`TextFeatures` (pooled, projected, t)."""
         embed = F.normalize(self.text_proj(self._pool(hidden, attention_mask)), dim=-1)
         return TextFeatures(hidden=hidden, mask=attention_mask, embed=embed)
 
