@@ -6,6 +6,7 @@
 ``cmpagl data stats PATH``       counts, caption statistics, repeated captions, cross-split images
 ``cmpagl data check PATH``       validate annotations and every image file
 ``cmpagl data synthetic OUT``    write the embedded synthetic dataset
+``cmpagl sweep SPEC.yaml``       every (variant, seed) of a sweep as an executed notebook
 
 Errors in the user's input (a wrong path, a bad file, an unknown config key) print one line
 ``cmpagl: error: ...`` and exit with status 2, never a traceback.
@@ -215,6 +216,12 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cmpagl.experiments import run_from_args
+
+    return run_from_args(args)
+
+
 class _UsageError(ValueError):
     """A wrong combination of options (printed as one line, exit status 2)."""
 
@@ -277,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmpagl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parsers(sub)
+    from cmpagl.experiments import add_arguments  # light: torch loads only when runs execute
+
+    p = sub.add_parser("sweep", help="run a sweep: every (variant, seed) as an executed notebook")
+    add_arguments(p)
+    p.set_defaults(func=cmd_sweep)
     data = sub.add_parser("data", help="inspect, check and generate datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
 

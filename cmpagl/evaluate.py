@@ -1,15 +1,18 @@
 """Evaluating a trained model with every re-ranker (METHOD.md §3–§4), notebook-friendly.
 
-:func:`evaluate_model` embeds the validation split and the requested split, chooses SMR's
-(τ_s, k, λ) on validation only, computes each re-ranker's metrics and timings on the requested
-split and writes two artifacts next to each other (house style habit 10):
+:func:`evaluate_model` embeds the validation split and the requested split, chooses every
+re-ranker's settings on validation only (one grid search for all, :func:`cmpagl.rerank.
+grid_search`), applies them once to the requested split and writes two artifacts next to each
+other (house style habit 10):
 
-* ``results_<split>.json``: metric keys per re-ranker (standard, ``*_pess``, ``dup_*``), the
-  ``oracle_*`` bound once, the chosen SMR parameters with the validation grid table, timings,
-  the resolved config, checkpoint path, git commit, torch version and hardware;
-* ``scores_<split>.pt``: S_itc, S_raw and S_opt (see :func:`evaluate_model`), txt2img, the
-  captions and image file names, and per-query rank statistics of every re-ranker
-  (:func:`cmpagl.metrics.i2t_ranks` / :func:`~cmpagl.metrics.t2i_ranks`).
+* ``results_<split>.json``: metric keys per re-ranker (standard, ``*_pess``, ``*_index`` (the
+  public evaluators' tie convention), ``dup_*``), the ``oracle_*`` bound once, per re-ranker the
+  chosen settings with the validation grid, its size and whether each chosen value lies on the
+  edge of its axis (``tuning``), timings, the resolved config, checkpoint path, git commit,
+  torch version and hardware;
+* ``scores_<split>.pt``: S_itc, S_raw and S_opt (see :func:`evaluate_model`), p_match,
+  txt2img, the captions and per-query rank statistics of every re-ranker
+  (:class:`cmpagl.metrics.TieRanks` counts).
 
 The command line (``cmpagl evaluate``) loads the checkpoint and calls :func:`evaluate_model`.
 """
@@ -22,32 +25,26 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from cmpagl import rerank as rr
 from cmpagl.checkpoint import git_commit
-from cmpagl.config import ExperimentConfig, check_experiment, to_dict
+from cmpagl.config import ExperimentConfig, RetrievalConfig, check_experiment, to_dict
 from cmpagl.data.build import dataset_from_config, transforms_from_config
-from cmpagl.metrics import i2t_ranks, oracle_upper_bound, t2i_ranks
-from cmpagl.models.cmpagl import CMPAGL
-from cmpagl.rerank import (
-    ItmRescore,
-    RankingScores,
-    SmrParams,
-    as_ranking,
-    dual_softmax,
-    evaluate_ranking,
-    galr_rerank,
-    grid_search_smr,
-    inverted_softmax,
-    itm_rescore,
-    smr,
+from cmpagl.fileio import atomic_write
+from cmpagl.metrics import (
+    RetrievalRanks,
+    oracle_upper_bound,
+    ranks_to_metrics,
+    retrieval_ranks,
 )
-from cmpagl.retrieval import SplitEmbeddings, embed_split, itc_scores
+from cmpagl.models.cmpagl import CMPAGL
+from cmpagl.retrieval import ItmRescore, SplitEmbeddings, embed_split, itc_scores, itm_rescore
 
 RERANKERS: tuple[str, ...] = (
     "none",
@@ -58,8 +55,35 @@ RERANKERS: tuple[str, ...] = (
     "inverted_softmax",
     "galr",
 )
-DEFAULT_RERANKERS: tuple[str, ...] = ("none", "itm", "smr", "itm+smr", "dual_softmax", "galr")
+DEFAULT_RERANKERS: tuple[str, ...] = RERANKERS
 _NEEDS_ITM = frozenset({"itm", "itm+smr"})
+
+# Each re-ranker's settings: (name in the grid, config key of its axis, config key of its fixed
+# value). "none" has none; itm+smr's ITM stage takes the itm_k chosen for "itm".
+SETTINGS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "itm": (("itm_k", "itm_grid_k", "itm_k"),),
+    "smr": (
+        ("tau_s", "smr_grid_tau", "smr_tau"),
+        ("k", "smr_grid_k", "smr_k"),
+        ("lam", "smr_grid_lambda", "smr_lambda"),
+    ),
+    "dual_softmax": (("tau", "dual_softmax_grid_tau", "dual_softmax_tau"),),
+    "inverted_softmax": (("tau", "inverted_softmax_grid_tau", "inverted_softmax_tau"),),
+    "galr": (
+        ("k", "galr_grid_k", "galr_k"),
+        ("wp1", "galr_grid_wp1", "galr_wp1"),
+        ("wp2", "galr_grid_wp2", "galr_wp2"),
+        ("decay", "galr_grid_decay", "galr_decay"),
+    ),
+}
+SETTINGS["itm+smr"] = SETTINGS["smr"]
+
+TIE_CONVENTIONS: dict[str, str] = {
+    "": "exact expectation over a uniformly random order of tied items (our headline numbers)",
+    "_pess": "pessimistic: every tied negative ranked ahead of the positives",
+    "_index": "the public SCAN/ALBEF evaluators' argsort convention, made deterministic: among "
+    "tied scores the larger index first, as np.argsort(score, kind='stable')[::-1]",
+}
 
 
 def _check_rerankers(rerankers: Sequence[str]) -> tuple[str, ...]:
@@ -112,16 +136,25 @@ def hardware_info(device: torch.device | str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Split:
-    """One embedded split: embeddings, S_itc, the ITM re-scoring (if run) and their timings."""
+    """One embedded split: embeddings, S_itc, the ITM probabilities (if run), their timings."""
 
     emb: SplitEmbeddings
     s_itc: Tensor
-    itm: ItmRescore | None
     embed_s: float
     itc_s: float
+    itm: ItmRescore | None = None
+    _stages: dict[int, rr.ItmScores] = field(default_factory=dict)
+
+    def itm_stage(self, k: int) -> rr.ItmScores:
+        """S_raw of ITM with k candidates per query, from the p_match scored for k' >= k."""
+        if self.itm is None or self.itm.k < k:
+            raise RuntimeError(f"ITM was not run for k = {k} on this split")
+        if k not in self._stages:
+            self._stages[k] = rr.itm_scores(self.s_itc, self.itm.p_match, k)
+        return self._stages[k]
 
 
-def _embed(model, ds, transform, cfg: ExperimentConfig, device, with_itm: bool) -> _Split:
+def _embed(model, ds, transform, cfg: ExperimentConfig, device, keep_fusion: bool) -> _Split:
     rc = cfg.retrieval
     emb, embed_s = _timed(
         embed_split,
@@ -131,73 +164,115 @@ def _embed(model, ds, transform, cfg: ExperimentConfig, device, with_itm: bool) 
         rc.batch_size,
         cfg.data.num_workers,
         device,
-        keep_fusion=with_itm,
+        keep_fusion=keep_fusion,
     )
     s_itc, itc_s = _timed(itc_scores, emb)
-    itm = itm_rescore(model, emb, s_itc, rc.itm_k, rc.batch_size, device) if with_itm else None
-    return _Split(emb, s_itc, itm, embed_s, itc_s)
+    return _Split(emb, s_itc, embed_s, itc_s)
 
 
-def _choose_smr(val: _Split, cfg: ExperimentConfig, on_itm: bool) -> dict[str, Any]:
-    """SMR parameters for S_itc or the ITM S_raw, chosen on validation (or fixed in the config).
+def _run_itm(model, split: _Split, k: int, cfg: ExperimentConfig, device) -> None:
+    """Score each query's top-k of ``split`` with the ITM head (once per split)."""
+    if split.itm is None or split.itm.k < k:
+        rc = cfg.retrieval
+        split.itm = itm_rescore(model, split.emb, split.s_itc, k, rc.batch_size, device)
+        split._stages.clear()
 
-    An empty grid in the config means "use smr_tau, smr_k, smr_lambda as given".
+
+def _axes(name: str, rc: RetrievalConfig) -> tuple[dict[str, list], dict[str, Any], bool]:
+    """(grid axes, fixed values, searched?) of a re-ranker from the config.
+
+    An empty axis stands for its fixed value; all axes empty: no search, fixed values as given.
     """
-    rc = cfg.retrieval
-    s_raw = val.itm.scores if on_itm else val.s_itc
-    if not (rc.smr_grid_tau and rc.smr_grid_k and rc.smr_grid_lambda):
-        params = SmrParams(rc.smr_tau, rc.smr_k, rc.smr_lambda)
-        return {"params": params._asdict(), "source": "config", "val_grid": [], "seconds": 0.0}
-    (params, table), seconds = _timed(
-        grid_search_smr,
-        s_raw,
-        val.emb.txt2img,
-        val.emb.captions,
-        rc.smr_grid_tau,
-        rc.smr_grid_k,
-        rc.smr_grid_lambda,
-    )
+    settings = SETTINGS[name]
+    fixed = {axis: getattr(rc, key) for axis, _, key in settings}
+    grids = {axis: list(getattr(rc, key)) for axis, key, _ in settings}
+    if not any(grids.values()):
+        return {}, fixed, False
+    axes = {axis: values or [fixed[axis]] for axis, values in grids.items()}
+    if "lam" in axes:  # SMR: checked, λ = 0 dropped (it is "no re-ranking", always tried)
+        axes = rr.smr_axes(axes["tau_s"], axes["k"], axes["lam"])
+    return axes, fixed, True
+
+
+def _scorer(
+    name: str, split: _Split, rc: RetrievalConfig, itm_k: int | None
+) -> tuple[rr.RankingScores, Callable[..., rr.RankingScores] | None]:
+    """(scores without re-ranking, settings -> scores) of a re-ranker on a split.
+
+    ``itm_k``: the ITM stage of ``itm+smr`` (None: ITM off, SMR starts from S_itc).
+    """
+    s_itc = rr.as_ranking(split.s_itc)
+    base = s_itc.i2t
+    if name == "itm":
+        return s_itc, lambda itm_k: split.itm_stage(itm_k).s_raw
+    if name in ("smr", "itm+smr"):
+        if name == "itm+smr" and itm_k is not None:
+            stage = split.itm_stage(itm_k)
+            return stage.s_raw, rr.smr_scorer(stage.s_raw, s_prob=stage.s_prob, scale=rc.smr_scale)
+        return s_itc, rr.smr_scorer(s_itc, scale=rc.smr_scale)
+    if name == "dual_softmax":
+        return s_itc, lambda tau: rr.dual_softmax(base, tau)
+    if name == "inverted_softmax":
+        return s_itc, lambda tau: rr.inverted_softmax(base, tau)
+    if name == "galr":
+        return s_itc, lambda k, wp1, wp2, decay: rr.galr_rerank(base, k, wp1, wp2, decay)
+    return s_itc, None  # "none"
+
+
+def _apply(
+    name: str, split: _Split, rc: RetrievalConfig, params: dict | None, itm_k: int | None
+) -> rr.RankingScores:
+    """The scores of one re-ranker on a split with its chosen settings (None: no re-ranking)."""
+    start, fn = _scorer(name, split, rc, itm_k)
+    return start if params is None or fn is None else rr.as_ranking(fn(**params))
+
+
+def _tune(name: str, val: _Split | None, rc: RetrievalConfig, itm_k: int | None) -> dict:
+    """A re-ranker's settings: chosen by the val grid search, or fixed by the config."""
+    axes, fixed, searched = _axes(name, rc)
+    keys = [key for _, key, _ in SETTINGS[name]]
+    if not searched:
+        return {
+            "source": "config",
+            "params": fixed,
+            "note": f"fixed as configured: {', '.join(f'retrieval.{k}' for k in keys)} empty",
+            "grid": {},
+            "grid_size": 0,
+            "on_edge": {},
+            "seconds": 0.0,
+        }
+    start, fn = _scorer(name, val, rc, itm_k)
+    found, seconds = _timed(rr.grid_search, fn, start, val.emb.txt2img, axes, val.emb.captions)
     return {
-        "params": params._asdict(),
         "source": "val grid search",
-        "val_grid": table,
+        "params": found.params,
+        "off": found.params is None,
+        "criterion": found.criterion,
+        "val_value": found.value,
+        "val_off_value": found.off_value,
+        "grid": found.axes,
+        "grid_size": found.size,
+        "on_edge": found.on_edge(),
+        "val_grid": found.table,
         "seconds": seconds,
     }
 
 
-def _rerank(name: str, split: _Split, cfg: ExperimentConfig, smr_choice: dict) -> RankingScores:
-    """The scores of one re-ranker on an embedded split (timed by the caller)."""
-    rc = cfg.retrieval
-    if name == "none":
-        return as_ranking(split.s_itc)
-    if name == "itm":
-        return split.itm.scores
-    if name in ("smr", "itm+smr"):
-        s_raw = split.itm.scores if name == "itm+smr" else split.s_itc
-        return smr(s_raw, **smr_choice[name]["params"])
-    if name == "dual_softmax":
-        return dual_softmax(split.s_itc, rc.dual_softmax_tau)
-    if name == "inverted_softmax":
-        return inverted_softmax(split.s_itc, rc.dual_softmax_tau)
-    return galr_rerank(split.s_itc, rc.galr_k)
+def _stage_k(tuning: dict) -> int | None:
+    """The ITM k that the "itm" tuning chose (None: no re-ranking won)."""
+    params = tuning["itm"]["params"]
+    return None if params is None else int(params["itm_k"])
 
 
-def _rank_stats(scores: RankingScores, txt2img) -> dict[str, Tensor]:
-    """Per-query expected ranks and the (above, tied_neg, tied_pos) counts, both directions."""
+def _rank_stats(ranks: RetrievalRanks) -> dict[str, Tensor]:
+    """Per-query expected ranks and the (above, tied_neg, tied_pos, index_ahead) counts."""
     out = {}
-    for direction, ranks in (
-        ("i2t", i2t_ranks(scores.i2t, txt2img)),
-        ("t2i", t2i_ranks(scores.t2i, txt2img)),
-    ):
-        out[f"{direction}_expected_rank"] = ranks.expected_rank
+    for direction, r in (("i2t", ranks.i2t), ("t2i", ranks.t2i)):
+        out[f"{direction}_expected_rank"] = r.expected_rank
         out[f"{direction}_counts"] = torch.stack(
-            [ranks.above, ranks.tied_neg, ranks.tied_pos]
+            [r.above, r.tied_neg, r.tied_pos, r.index_ahead]
         ).int()
     return out
-
-
-def _without_oracle(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if not k.startswith("oracle_")}
 
 
 def _output_dir(cfg: ExperimentConfig, checkpoint: str | None, out_dir) -> Path:
@@ -211,33 +286,30 @@ def _output_dir(cfg: ExperimentConfig, checkpoint: str | None, out_dir) -> Path:
     return Path(cfg.output_dir)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half an artifact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _scores_payload(target: _Split, kept: dict[str, RankingScores], ranks: dict) -> dict:
+def _scores_payload(
+    target: _Split, kept: dict[str, rr.RankingScores], ranks: dict, itm_k: int | None
+) -> dict:
     """What ``scores_<split>.pt`` holds (float64 except S_itc, which is saved as computed).
 
-    S_raw is the ITM pair when ITM ran, else (S_itc, S_itc) (one shared storage on disk);
-    S_opt is the SMR output on that S_raw (``itm+smr``, else ``smr``), or None.
+    S_raw is the ITM order at the chosen ``itm_k`` when ITM ran, else (S_itc, S_itc) (one
+    shared storage on disk); S_opt is the SMR output on that S_raw (``itm+smr``, else
+    ``smr``), or None. ``p_match`` (NaN where not scored) and ``itm_k`` rebuild S_raw and the
+    gap-free scores SMR read: ``cmpagl.rerank.itm_scores(S_itc, p_match, itm_k)``.
     """
-    s_raw_from = "itm" if target.itm is not None else "none"
-    s_raw = target.itm.scores if target.itm is not None else as_ranking(target.s_itc)
+    use_itm = target.itm is not None and itm_k is not None
+    s_raw_from = "itm" if use_itm else "none"
+    s_raw = target.itm_stage(itm_k).s_raw if use_itm else rr.as_ranking(target.s_itc)
     s_opt_from = next((n for n in ("itm+smr", "smr") if n in kept), None)
     if s_opt_from == "smr" and s_raw_from == "itm":  # keep S_opt = SMR(S_raw) literally true
-        s_raw_from, s_raw = "none", as_ranking(target.s_itc)
+        s_raw_from, s_raw = "none", rr.as_ranking(target.s_itc)
     return {
         "S_itc": target.s_itc,
         "S_raw": s_raw._asdict(),
         "S_raw_from": s_raw_from,
         "S_opt": kept[s_opt_from]._asdict() if s_opt_from else None,
         "S_opt_from": s_opt_from,
+        "p_match": target.itm.p_match if target.itm is not None else None,
+        "itm_k": itm_k if use_itm else None,
         "txt2img": torch.as_tensor(target.emb.txt2img, dtype=torch.long),
         "captions": list(target.emb.captions),
         "ranks": ranks,
@@ -257,10 +329,13 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Retrieval metrics of ``model`` on ``split`` with each re-ranker (METHOD §3–§4).
 
-    SMR's (τ_s, k, λ) are chosen by :func:`~cmpagl.rerank.grid_search_smr` on the val split
-    only, separately for ``smr`` (on S_itc) and ``itm+smr`` (on the ITM S_raw). Re-rankers:
-    ``none`` (S_itc), ``itm``, ``smr``, ``itm+smr``, ``dual_softmax``, ``inverted_softmax``,
-    ``galr``; settings come from ``cfg.retrieval``.
+    Every re-ranker with settings gets the same treatment (:data:`SETTINGS`): a grid search on
+    the val split only (:func:`cmpagl.rerank.grid_search`, "no re-ranking" always a
+    candidate, the earliest best wins), its choice applied once to ``split``. ITM's k is tuned
+    like the rest: the val split is scored once for the largest k of the grid and smaller k
+    reuse those probabilities; ``itm+smr`` runs SMR on the ITM stage that "itm" chose, with its
+    own SMR grid. Re-rankers: ``none`` (S_itc), ``itm``, ``smr``, ``itm+smr``,
+    ``dual_softmax``, ``inverted_softmax``, ``galr``; grids come from ``cfg.retrieval``.
 
     Args:
         model: a CMPAGL model with its weights loaded (moved to ``device``).
@@ -269,36 +344,55 @@ def evaluate_model(
         out_dir: where the artifacts go; default the checkpoint's folder, else
             ``cfg.output_dir``.
         save_scores: also write ``scores_<split>.pt`` (8 bytes x N_img x N_txt per matrix,
-            up to 5 matrices: ~9 MB for UCM's test split, ~220 MB for RSICD's).
+            up to 6 matrices: ~11 MB for UCM's test split, ~260 MB for RSICD's).
 
     Returns:
         The content of ``results_<split>.json`` as a dict.
     """
     check_experiment(cfg)
     names = _check_rerankers(rerankers)
+    rc = cfg.retrieval
     device = torch.device(device)
     model.to(device)
     ds = dataset_from_config(cfg.data)
     _, transform = transforms_from_config(cfg.data)
-    smr_names = [n for n in ("smr", "itm+smr") if n in names]
+    tuned = [n for n in RERANKERS if n in names and n != "none"]
+    if "itm+smr" in names and "itm" not in tuned:  # its ITM stage is what "itm" chooses
+        tuned.insert(0, "itm")
     need_itm = bool(_NEEDS_ITM & set(names))
+    searched = [n for n in tuned if _axes(n, rc)[2]]
     val = None
-    if smr_names:  # the val split serves SMR's grid search and nothing else
-        val = _embed(model, ds.split("val"), transform, cfg, device, "itm+smr" in names)
-    if split == "val" and val is not None and (val.itm is not None or not need_itm):
-        target = val
-    else:
-        target = _embed(model, ds.split(split), transform, cfg, device, need_itm)
-    smr_choice = {n: _choose_smr(val, cfg, on_itm=n == "itm+smr") for n in smr_names}
+    if searched:  # the val split serves the grid searches and nothing else
+        val = _embed(model, ds.split("val"), transform, cfg, device, need_itm)
+        if _NEEDS_ITM & set(searched):  # ITM's k, or SMR on the ITM stage, is searched on val
+            itm_axes, itm_fixed, itm_searched = _axes("itm", rc)
+            k_val = max(itm_axes["itm_k"]) if itm_searched else itm_fixed["itm_k"]
+            _run_itm(model, val, k_val, cfg, device)
+    tuning: dict[str, dict] = {}
+    for name in tuned:
+        itm_k = _stage_k(tuning) if name == "itm+smr" else None
+        tuning[name] = _tune(name, val, rc, itm_k)
+        if name == "itm+smr":
+            tuning[name]["itm_k"] = itm_k  # the ITM stage, chosen by the "itm" search
+    itm_k = _stage_k(tuning) if need_itm else None
+    reuse = split == "val" and val is not None
+    target = val if reuse else _embed(model, ds.split(split), transform, cfg, device, need_itm)
+    if itm_k is not None:
+        _run_itm(model, target, itm_k, cfg, device)
     txt2img, captions = target.emb.txt2img, target.emb.captions
     metrics, seconds, ranks, kept = {}, {}, {}, {}
     for name in names:
-        scores, seconds[name] = _timed(_rerank, name, target, cfg, smr_choice)
-        if name in _NEEDS_ITM:  # from S_itc to the final scores, ITM passes included
+        params = tuning[name]["params"] if name in tuning else None
+        stage = itm_k if name == "itm+smr" else None
+        scores, seconds[name] = _timed(_apply, name, target, rc, params, stage)
+        if name in _NEEDS_ITM and itm_k is not None:  # from S_itc, the ITM passes included
             seconds[name] += target.itm.seconds
-        metrics[name] = _without_oracle(evaluate_ranking(scores, txt2img, captions))
-        ranks[name] = _rank_stats(scores, txt2img)
-        if name in smr_names:
+        shared = scores.i2t is scores.t2i
+        r = retrieval_ranks(
+            scores.i2t, txt2img, captions, scores_t2i=None if shared else scores.t2i
+        )
+        metrics[name], ranks[name] = ranks_to_metrics(r), _rank_stats(r)
+        if name in ("smr", "itm+smr"):
             kept[name] = scores
     result = {
         "split": split,
@@ -306,34 +400,52 @@ def evaluate_model(
         "n_captions": len(captions),
         "rerankers": list(names),
         "metrics": metrics,
+        "tie_conventions": TIE_CONVENTIONS,
         "oracle": oracle_upper_bound(txt2img, captions),
-        "smr": smr_choice,
-        "itm": _itm_summary(target, val, cfg),
-        "timings": _timings(target, val, seconds, smr_choice),
+        "tuning": {n: tuning[n] for n in tuned},
+        "smr": _smr_view(tuning),
+        "itm": _itm_summary(target, val, itm_k),
+        "timings": _timings(target, val, seconds, tuning),
         **_provenance(cfg, checkpoint, device),
     }
-    return _save(result, target, kept, ranks, _output_dir(cfg, checkpoint, out_dir), save_scores)
+    out = _output_dir(cfg, checkpoint, out_dir)
+    return _save(result, target, kept, ranks, itm_k, out, save_scores)
 
 
-def _itm_summary(target: _Split, val: _Split | None, cfg: ExperimentConfig) -> dict | None:
-    if target.itm is None:
+def _smr_view(tuning: dict) -> dict:
+    """SMR's choices as (τ_s, k, λ), λ = 0 where "no re-ranking" won (the earlier layout)."""
+    out = {}
+    for name in ("smr", "itm+smr"):
+        if name in tuning:
+            t = tuning[name]
+            params = t["params"]
+            if params is None:
+                params = {axis: values[0] for axis, values in t["grid"].items()} | {"lam": 0.0}
+            out[name] = {"params": rr.SmrParams(**params)._asdict(), "source": t["source"]}
+    return out
+
+
+def _itm_summary(target: _Split, val: _Split | None, itm_k: int | None) -> dict | None:
+    if target.itm is None and (val is None or val.itm is None):
         return None
     return {
-        "k": cfg.retrieval.itm_k,
-        "n_pairs": target.itm.n_pairs,
-        "n_evals": target.itm.n_evals,
+        "k": itm_k,
+        "n_pairs": None if target.itm is None else target.itm.n_pairs,
+        "n_evals": None if target.itm is None else target.itm.n_evals,
+        "val_k": None if val is None or val.itm is None else val.itm.k,
         "val_n_evals": None if val is None or val.itm is None else val.itm.n_evals,
     }
 
 
-def _timings(target: _Split, val: _Split | None, seconds: dict, smr_choice: dict) -> dict:
-    """Seconds: embedding, S_itc, each re-ranker from S_itc to its scores, SMR grid searches."""
+def _timings(target: _Split, val: _Split | None, seconds: dict, tuning: dict) -> dict:
+    """Seconds: embedding, S_itc, each re-ranker from S_itc to its scores, the grid searches."""
     return {
         "embed_s": target.embed_s,
         "itc_s": target.itc_s,
         "embed_val_s": None if val is None else val.embed_s,
+        "itm_val_s": None if val is None or val.itm is None else val.itm.seconds,
         "rerank_s": seconds,
-        "smr_grid_s": {n: c["seconds"] for n, c in smr_choice.items()},
+        "grid_s": {n: t["seconds"] for n, t in tuning.items()},
     }
 
 
@@ -349,17 +461,22 @@ def _provenance(cfg: ExperimentConfig, checkpoint, device: torch.device) -> dict
 
 
 def _save(
-    result: dict, target: _Split, kept: dict, ranks: dict, out: Path, save_scores: bool
+    result: dict,
+    target: _Split,
+    kept: dict,
+    ranks: dict,
+    itm_k: int | None,
+    out: Path,
+    save_scores: bool,
 ) -> dict[str, Any]:
     """Write ``results_<split>.json`` (and ``scores_<split>.pt``); return the result dict."""
-    out.mkdir(parents=True, exist_ok=True)
     split = result["split"]
     files = {"results": str(out / f"results_{split}.json")}
     if save_scores:
         files["scores"] = str(out / f"scores_{split}.pt")
-        payload = _scores_payload(target, kept, ranks)
-        _write_atomic(Path(files["scores"]), lambda p: torch.save(payload, p))
+        payload = _scores_payload(target, kept, ranks, itm_k)
+        atomic_write(files["scores"], lambda p: torch.save(payload, p))
     result["files"] = files
     text = json.dumps(result, indent=1)
-    _write_atomic(Path(files["results"]), lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(files["results"], lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return result

@@ -10,7 +10,9 @@ Protocol (METHOD §4):
 Ties are real: identical caption texts get identical embeddings, so in i2t they tie exactly.
 Argsort tie-breaking (the public evaluators) makes recall depend on the order of the caption
 file. Here R@K is the *exact expectation* under a uniformly random order of tied items, and a
-pessimistic variant (every tied negative ranked ahead) is reported beside it.
+pessimistic variant (every tied negative ranked ahead) is reported beside it. The public
+evaluators' index convention (``ties="index"``, see `TieRanks.index_rank`) is reported too, with
+an ``_index`` suffix, so that our numbers can be set beside published ones.
 
 Every query reduces to three counts about its best positive score ``s*`` (see `TieRanks`):
 ``a`` negatives strictly above ``s*``, ``n`` negatives equal to ``s*`` and ``p >= 1`` positives
@@ -35,7 +37,8 @@ import torch
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
-TIE_MODES: tuple[str, ...] = ("expected", "pessimistic", "both")
+# "both": expected keys plus ``*_pess``; "all": expected, ``*_pess`` and ``*_index``.
+TIE_MODES: tuple[str, ...] = ("expected", "pessimistic", "index", "both", "all")
 # Bound on the elements of one [queries, candidates] block, so that a 10k x 50k matrix is
 # processed in slices of a few hundred MB instead of several GB of temporaries.
 DEFAULT_MAX_ELEMENTS = 1 << 23
@@ -55,6 +58,9 @@ class TieRanks:
         above: [Q] int64, ``a``: negatives scoring strictly above the best positive score s*.
         tied_neg: [Q] int64, ``n``: negatives scoring exactly s*.
         tied_pos: [Q] int64, ``p >= 1``: positives scoring exactly s*.
+        index_ahead: [Q] int64 or None: the tied negatives that the index convention places
+            ahead of the first tied positive (see `index_rank`); None where not computed
+            (`oracle_ranks`).
 
     Ranks are 0-based: rank 0 is the top of the list.
     """
@@ -62,6 +68,7 @@ class TieRanks:
     above: torch.Tensor
     tied_neg: torch.Tensor
     tied_pos: torch.Tensor
+    index_ahead: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.above.numel())
@@ -82,6 +89,24 @@ class TieRanks:
         # The p positives cut the n tied negatives into p + 1 equally likely gaps.
         return self.above.double() + self.tied_neg.double() / (self.tied_pos.double() + 1.0)
 
+    @property
+    def index_rank(self) -> torch.Tensor:
+        """[Q] int64: best rank under the public evaluators' index convention.
+
+        The SCAN/ALBEF evaluators rank a query's candidates by ``np.argsort(score)[::-1]`` and
+        take the first position of a ground-truth index. NumPy's default sort is not stable,
+        and which of several tied items it puts first depends on the NumPy version and the CPU
+        (NumPy 2.x sorts with SIMD kernels). This convention is the deterministic reading of
+        that line with a stable sort, ``np.argsort(score, kind="stable")[::-1]``: scores in
+        decreasing order and, among equal scores, the **larger candidate index first** (the
+        later caption of the caption file in image->text, the later image in text->image).
+        So the rank is ``a`` plus the tied negatives whose index exceeds the largest index of
+        a tied positive. Without ties it equals every other rank here.
+        """
+        if self.index_ahead is None:
+            raise ValueError("these TieRanks carry no index-order counts (index_ahead is None)")
+        return self.above + self.index_ahead
+
     def hit_probability(self, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
         """[Q, len(ks)] float64: exact ``P(best rank < K)`` under a random tie order."""
         return hit_probability(self, ks)
@@ -90,6 +115,11 @@ class TieRanks:
         """[Q, len(ks)] float64 in {0, 1}: ``pessimistic_rank < K``."""
         k = torch.tensor(_check_ks(ks), dtype=torch.long)
         return (self.pessimistic_rank[:, None] < k[None, :]).double()
+
+    def index_hits(self, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
+        """[Q, len(ks)] float64 in {0, 1}: ``index_rank < K`` (the public evaluators' hits)."""
+        k = torch.tensor(_check_ks(ks), dtype=torch.long)
+        return (self.index_rank[:, None] < k[None, :]).double()
 
 
 def hit_probability(ranks: TieRanks, ks: Sequence[int] = DEFAULT_KS) -> torch.Tensor:
@@ -255,20 +285,27 @@ def _image_group_pairs(
 # --------------------------------------------------------------------------------------------
 # Rank statistics from a score matrix
 # --------------------------------------------------------------------------------------------
-def _count_block(
-    s: torch.Tensor, pos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Counts (a, n, p) for q queries; s [q, C] scores against all C candidates, pos [q, C]."""
+def _count_block(s: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Counts (a, n, p, index_ahead) for q queries; s [q, C] scores, pos [q, C] positives.
+
+    Column c of the block is candidate c (its index in the split), which the index convention
+    needs: among tied items the larger index comes first (`TieRanks.index_rank`).
+    """
     fill = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
     best = torch.where(pos, s, fill).amax(dim=1, keepdim=True)  # [q, 1] best positive s*
     neg = ~pos
     tie = s == best
-    return (s > best).logical_and(neg).sum(1), (tie & neg).sum(1), (tie & pos).sum(1)
+    tie_neg = tie & neg
+    index = torch.arange(s.shape[1], device=s.device)
+    # The first tied positive in index order is the one with the largest index.
+    first_pos = torch.where(tie & pos, index, -1).amax(dim=1, keepdim=True)
+    ahead = (tie_neg & (index > first_pos)).sum(1)
+    return (s > best).logical_and(neg).sum(1), tie_neg.sum(1), (tie & pos).sum(1), ahead
 
 
 def _collect(parts: list[tuple[torch.Tensor, ...]]) -> TieRanks:
-    above, tied_neg, tied_pos = (torch.cat(col).cpu() for col in zip(*parts, strict=True))
-    return TieRanks(above=above, tied_neg=tied_neg, tied_pos=tied_pos)
+    above, tied_neg, tied_pos, ahead = (torch.cat(col).cpu() for col in zip(*parts, strict=True))
+    return TieRanks(above=above, tied_neg=tied_neg, tied_pos=tied_pos, index_ahead=ahead)
 
 
 def _block_rows(n_cols: int, max_elements: int) -> int:
@@ -385,14 +422,18 @@ def _recall_dict(
 def _summarise(
     i2t: TieRanks, t2i: TieRanks, ks: tuple[int, ...], ties: str, prefix: str = ""
 ) -> dict[str, float]:
+    """Recall dictionaries of the tie modes in ``ties`` from one pair of rank statistics."""
+    several = ties in ("both", "all")
+    modes = {"both": ("expected", "pessimistic"), "all": ("expected", "pessimistic", "index")}
+    hits = {
+        "expected": ("", TieRanks.hit_probability),
+        "pessimistic": ("_pess", TieRanks.pessimistic_hits),
+        "index": ("_index", TieRanks.index_hits),
+    }
     out: dict[str, float] = {}
-    if ties in ("expected", "both"):
-        out.update(_recall_dict(i2t.hit_probability(ks), t2i.hit_probability(ks), ks, prefix, ""))
-    if ties in ("pessimistic", "both"):
-        suffix = "_pess" if ties == "both" else ""
-        out.update(
-            _recall_dict(i2t.pessimistic_hits(ks), t2i.pessimistic_hits(ks), ks, prefix, suffix)
-        )
+    for mode in modes.get(ties, (ties,)):
+        suffix, fn = hits[mode]
+        out.update(_recall_dict(fn(i2t, ks), fn(t2i, ks), ks, prefix, suffix if several else ""))
     return out
 
 
@@ -404,17 +445,24 @@ def recall_at_k(
     *,
     caption_groups: ArrayLike | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    scores_t2i: ArrayLike | None = None,
 ) -> dict[str, float]:
     """R@K in both directions and their mean, in percent (METHOD §4, ALBEF keys).
 
+    The rank statistics are computed once per direction; every tie mode derives from them.
+
     Args:
-        scores: [N_img, N_txt] similarities, higher = more similar.
+        scores: [N_img, N_txt] similarities, higher = more similar. Image->text reads its rows.
         txt2img: [N_txt] int, image index of each caption.
         ks: cut-offs K.
         ties: "expected" (exact expectation under a random order of tied items),
-            "pessimistic" (tied negatives ahead) or "both" (expected keys plus ``*_pess``).
+            "pessimistic" (tied negatives ahead), "index" (the public evaluators' argsort
+            convention, `TieRanks.index_rank`), "both" (expected keys plus ``*_pess``) or
+            "all" (expected, ``*_pess`` and ``*_index``).
         caption_groups: optional [N_txt] text-group ids, see `i2t_ranks`.
         max_elements: memory bound for one block of the score matrix.
+        scores_t2i: optional [N_img, N_txt] matrix whose columns text->image reads instead
+            of ``scores`` (re-rankers give each direction its own matrix).
 
     Returns:
         ``{"txt_r1", ..., "img_r1", ..., "r_mean"}`` as Python floats; txt_* is i2t.
@@ -422,7 +470,8 @@ def recall_at_k(
     ks = _check_ks(ks)
     _check_ties(ties)
     kw = {"caption_groups": caption_groups, "max_elements": max_elements}
-    return _summarise(i2t_ranks(scores, txt2img, **kw), t2i_ranks(scores, txt2img, **kw), ks, ties)
+    other = scores if scores_t2i is None else scores_t2i
+    return _summarise(i2t_ranks(scores, txt2img, **kw), t2i_ranks(other, txt2img, **kw), ks, ties)
 
 
 def duplicate_aware_recall(
@@ -507,6 +556,69 @@ def oracle_upper_bound(
     return _summarise(i2t, t2i, ks, "expected", prefix="oracle_")
 
 
+# --------------------------------------------------------------------------------------------
+# Everything of one evaluation, from rank statistics computed once per direction
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetrievalRanks:
+    """Rank statistics of one evaluation, each computed once per direction (METHOD §4).
+
+    Attributes:
+        i2t: image queries, [N_img]; t2i: caption queries, [N_txt] (standard ground truth).
+        dup_i2t, dup_t2i: the same with identical normalised texts counted as hits, or None
+            when no caption texts were given.
+    """
+
+    i2t: TieRanks
+    t2i: TieRanks
+    dup_i2t: TieRanks | None = None
+    dup_t2i: TieRanks | None = None
+
+
+def retrieval_ranks(
+    scores: ArrayLike,
+    txt2img: ArrayLike,
+    caption_texts: Sequence[str] | None = None,
+    *,
+    scores_t2i: ArrayLike | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> RetrievalRanks:
+    """`TieRanks` of both directions, standard and (given texts) duplicate-aware.
+
+    Args:
+        scores: [N_img, N_txt]; image->text reads its rows.
+        txt2img: [N_txt] int; caption_texts: N_txt strings, or None (no ``dup_*``).
+        scores_t2i: optional [N_img, N_txt] matrix whose columns text->image reads instead.
+    """
+    s = _check_scores(scores)
+    s_t2i = s if scores_t2i is None else _check_scores(scores_t2i)
+    if s_t2i.shape != s.shape:
+        raise ValueError(
+            f"scores_t2i is {tuple(s_t2i.shape)} but scores is {tuple(s.shape)}; both must be "
+            "[N_img, N_txt]"
+        )
+    kw = {"max_elements": max_elements}
+    out = RetrievalRanks(i2t_ranks(s, txt2img, **kw), t2i_ranks(s_t2i, txt2img, **kw))
+    if caption_texts is None:
+        return out
+    groups = _texts_to_groups(caption_texts, s.shape[1])
+    return RetrievalRanks(
+        out.i2t,
+        out.t2i,
+        i2t_ranks(s, txt2img, groups, **kw),
+        t2i_ranks(s_t2i, txt2img, groups, **kw),
+    )
+
+
+def ranks_to_metrics(ranks: RetrievalRanks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Expected recall, ``*_pess``, ``*_index`` and (if present) ``dup_*`` keys from `ranks`."""
+    ks = _check_ks(ks)
+    out = _summarise(ranks.i2t, ranks.t2i, ks, "all")
+    if ranks.dup_i2t is not None and ranks.dup_t2i is not None:
+        out.update(_summarise(ranks.dup_i2t, ranks.dup_t2i, ks, "expected", prefix="dup_"))
+    return out
+
+
 def evaluate_retrieval(
     scores: ArrayLike,
     txt2img: ArrayLike,
@@ -514,17 +626,21 @@ def evaluate_retrieval(
     ks: Sequence[int] = DEFAULT_KS,
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    scores_t2i: ArrayLike | None = None,
 ) -> dict[str, float]:
-    """All METHOD §4 numbers: expected recall, ``*_pess`` and, given texts, ``dup_*``/``oracle_*``.
+    """All METHOD §4 numbers: expected recall, ``*_pess``, ``*_index`` and, given texts,
+    ``dup_*`` and ``oracle_*``.
 
     Args:
         scores: [N_img, N_txt] similarities; txt2img: [N_txt] int; caption_texts: N_txt strings.
+        scores_t2i: optional matrix for text->image (see `recall_at_k`).
     """
     ks = _check_ks(ks)
-    s = _check_scores(scores)  # once: the calls below receive a validated tensor
-    out = recall_at_k(s, txt2img, ks, "both", max_elements=max_elements)
+    ranks = retrieval_ranks(
+        scores, txt2img, caption_texts, scores_t2i=scores_t2i, max_elements=max_elements
+    )
+    out = ranks_to_metrics(ranks, ks)
     if caption_texts is not None:
-        kw = {"max_elements": max_elements}
-        out.update(duplicate_aware_recall(s, txt2img, caption_texts, ks, **kw))
-        out.update(oracle_upper_bound(txt2img, caption_texts, ks, n_img=s.shape[0]))
+        n_img = len(ranks.i2t)
+        out.update(oracle_upper_bound(txt2img, caption_texts, ks, n_img=n_img))
     return out

@@ -1,8 +1,11 @@
 """Re-ranking the retrieval scores (METHOD.md §3): ITM top-k re-scoring, SMR and the baselines.
 
-Pipeline (§3): S_itc [N_img, N_txt] (:func:`cmpagl.retrieval.itc_scores`) -> optionally
-:func:`itm_rescore` (S_raw = S_itc + p_match on each query's top-k) -> :func:`smr` (S_opt).
-Baselines: :func:`dual_softmax`, :func:`inverted_softmax`, :func:`galr_rerank`.
+Everything here is pure matrix -> matrix: no model runs in this module. Pipeline (§3): S_itc
+[N_img, N_txt] (:func:`cmpagl.retrieval.itc_scores`) -> optionally the ITM probabilities of each
+query's top-k (:func:`cmpagl.retrieval.itm_rescore` runs the model) turned into
+S_raw = S_itc + p_match by :func:`itm_scores` -> :func:`smr` (S_opt). Baselines:
+:func:`dual_softmax`, :func:`inverted_softmax`, :func:`galr_rerank`. Every setting of every
+re-ranker is chosen on the validation split by one routine, :func:`grid_search`.
 
 **Two directions, two matrices.** A ranked list belongs to a query: an image query ranks the
 captions of its row (i2t), a caption query ranks the images of its column (t2i). ITM candidates
@@ -17,8 +20,7 @@ image->text metrics from ``i2t`` and the text->image metrics from ``t2i``.
 :func:`cmpagl.retrieval.embed_split` encodes each distinct string once). Each query's
 "top-k" is every candidate scoring at least its k-th highest score (ties at the boundary are
 all kept), ITM is evaluated once per (image, caption text), and GaLR uses competition ranks,
-so no re-ranker
-breaks a tie by the order of the caption file.
+so no re-ranker breaks a tie by the order of the caption file.
 
 Outputs are float64: the offset that keeps non-candidates below the candidates, and the small
 weights SMR adds, must not round away ITC differences.
@@ -26,24 +28,23 @@ weights SMR adds, must not round away ITC differences.
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cmpagl.metrics import DEFAULT_KS, duplicate_aware_recall, evaluate_retrieval, recall_at_k
-from cmpagl.models.cmpagl import CMPAGL
-from cmpagl.retrieval import SplitEmbeddings
+from cmpagl.metrics import DEFAULT_KS, caption_groups, evaluate_retrieval, recall_at_k
 
 # ALBEF fills non-candidates with -100; S_itc - 100 keeps their ITC order as well.
 NON_CANDIDATE_GAP = 100.0
 # A grid point must beat the best r_mean (percent) by more than this to be chosen.
 GRID_TOLERANCE = 1e-9
+# How W_map is scaled to [0, 1] per query (see smr_weights).
+SMR_SCALES: tuple[str, ...] = ("max", "minmax")
 
 
 class RankingScores(NamedTuple):
@@ -128,133 +129,74 @@ def competition_rank(x: Tensor, dim: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# ITM re-scoring of each query's top-k (METHOD §3 step 2)
+# ITM re-scoring of each query's top-k (METHOD §3 step 2): the part after the model
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ItmRescore:
-    """Result of :func:`itm_rescore`.
+class ItmScores(NamedTuple):
+    """S_raw after ITM re-scoring (:func:`itm_scores`), every field a :class:`RankingScores`.
 
     Attributes:
-        scores: S_raw per direction, [N_img, N_txt] float64: S_itc + p_match on the query's
-            candidates, S_itc - max(100, range) elsewhere (below every candidate, ITC order).
-        candidates: the bool candidate masks per direction (each query's top-k by S_itc).
-        p_match: [N_img, N_txt] float64, p_match on the union of candidates, 0 elsewhere.
-        n_pairs: size of the union of both directions' candidate pairs.
-        n_evals: ITM forward passes: distinct (image, caption text) pairs among them.
-        seconds: wall time of the re-scoring.
+        s_raw: the order, [N_img, N_txt] float64: S_itc + p_match on each query's candidates,
+            S_itc - max(gap, range + 1) elsewhere (below every candidate, in ITC order).
+        s_prob: the same scores without the gap: S_itc + p_match on the query's candidates,
+            S_itc elsewhere. SMR's softmaxes read these: with the gap, every probability off a
+            query's candidates would be ~exp(-gap/τ_s) = 0 and W_map would collapse to "is a
+            candidate in both directions".
+        candidates: bool masks, each query's top-k by S_itc (ties at the boundary kept).
     """
 
-    scores: RankingScores
+    s_raw: RankingScores
+    s_prob: RankingScores
     candidates: RankingScores
-    p_match: Tensor
-    n_pairs: int
-    n_evals: int
-    seconds: float
 
 
-def caption_text_ids(captions: Sequence[str]) -> Tensor:
-    """[N_txt] int64: index of the first caption with exactly the same string.
+def itm_candidates(s_itc: Tensor, k: int) -> RankingScores:
+    """Bool [N_img, N_txt] masks: each image's top-k captions (``i2t``, per row) and each
+    caption's top-k images (``t2i``, per column) by S_itc, ties at the boundary kept.
 
-    Exact strings (not normalised ones): only those are guaranteed the same tokens.
+    For k' <= k the masks of k' lie inside those of k, so probabilities computed once for the
+    largest k of a grid serve every smaller one.
     """
-    first: dict[str, int] = {}
-    return torch.tensor([first.setdefault(c, j) for j, c in enumerate(captions)], dtype=torch.long)
+    s = _matrix(s_itc, "s_itc")
+    return RankingScores(topk_mask(s, k, dim=1), topk_mask(s, k, dim=0))
 
 
-@torch.no_grad()
-def itm_probabilities(
-    model: CMPAGL,
-    emb: SplitEmbeddings,
-    img: Tensor,
-    txt: Tensor,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """p_match = softmax(ITM logits)[:, 1] of the fused pairs (img[p], txt[p]) -> [P] float64.
-
-    Runs ``model.fuse`` + ``model.itm_logits`` in eval mode, ``batch_size`` pairs at a time.
-    Pairs are processed shortest caption first and each batch is cut to its longest caption,
-    so little time goes into padding (padded keys are masked, the result is the same).
-    """
-    if emb.image_fusion.numel() == 0 or emb.text_hidden.numel() == 0:
-        raise ValueError("ITM needs the fusion inputs: embed_split(..., keep_fusion=True)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    valid = emb.text_mask.bool()
-    lengths = valid.sum(1)
-    order = torch.argsort(lengths[txt], stable=True)
-    out = torch.empty(img.numel(), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, img.numel(), batch_size):
-            idx = order[start : start + batch_size]
-            ii, tt = img[idx], txt[idx]
-            length = int(valid[tt].any(0).nonzero().max()) + 1
-            fused = model.fuse(
-                emb.text_hidden[tt, :length].to(device),
-                emb.text_mask[tt, :length].to(device),
-                emb.image_fusion[ii].to(device),
-            )
-            logits = model.itm_logits(fused).float()
-            out[idx] = logits.softmax(-1)[:, 1].double().cpu()
-    finally:
-        model.train(was_training)
-    return out
-
-
-def itm_rescore(
-    model: CMPAGL,
-    emb: SplitEmbeddings,
-    s_itc: Tensor,
-    k: int,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> ItmRescore:
+def itm_scores(s_itc: Tensor, p_match: Tensor, k: int, gap: float = NON_CANDIDATE_GAP) -> ItmScores:
     """S_raw = S_itc + p_match on each query's top-k (METHOD §3 step 2), per direction.
 
-    Image query i: its top-k captions by S_itc (row). Caption query j: its top-k images
-    (column). The union of these pairs is evaluated once per distinct (image, caption text)
-    through the multimodal encoder and ITM head. Per direction, each query's candidates are
-    re-ordered by S_itc + p_match and every other entry keeps its ITC order below them
-    (S_itc - max(100, range), ALBEF's convention with the ITC order kept).
+    Image query i re-orders its top-k captions (row) by S_itc + p_match, caption query j its
+    top-k images (column); every other entry keeps its ITC order below them, shifted by
+    max(``gap``, range + 1) (ALBEF fills them with -100; the shift keeps their ITC order too).
 
     Args:
-        model: CMPAGL; emb: the split's :class:`SplitEmbeddings` (with fusion inputs).
-        s_itc: [N_img, N_txt] S_itc of the same split; k: candidates per query (ties kept).
+        s_itc: [N_img, N_txt] S_itc.
+        p_match: [N_img, N_txt] ITM match probabilities, known (not NaN) at least on the union
+            of both directions' top-k (:func:`cmpagl.retrieval.itm_rescore` scores them, NaN
+            elsewhere); values off the candidates are ignored.
+        k: candidates per query; gap: the least shift of the non-candidates.
 
     Returns:
-        :class:`ItmRescore` with the S_raw pair, counts and wall time.
+        :class:`ItmScores` (the order, the gap-free scores for SMR, the candidate masks).
     """
-    t0 = time.perf_counter()
-    s = _matrix(s_itc, "s_itc").cpu()
-    n_img, n_txt = s.shape
-    n_emb = (emb.image_embed.shape[0], emb.text_embed.shape[0])
-    if n_emb != (n_img, n_txt):
+    s = _matrix(s_itc, "s_itc")
+    p = _matrix(p_match, "p_match")
+    if p.shape != s.shape:
+        raise ValueError(f"p_match is {tuple(p.shape)} but s_itc is {tuple(s.shape)}")
+    cand = itm_candidates(s, k)
+    union = cand.i2t | cand.t2i
+    if bool(p[union].isnan().any()):
         raise ValueError(
-            f"s_itc is {tuple(s.shape)} but the embeddings hold {n_emb[0]} images "
-            f"and {n_emb[1]} captions"
+            f"p_match is unknown (NaN) for some top-{k} candidates: score at least each "
+            f"query's top-{k} (cmpagl.retrieval.itm_rescore with k >= {k})"
         )
-    cand = RankingScores(topk_mask(s, k, dim=1), topk_mask(s, k, dim=0))
-    img, txt = (cand.i2t | cand.t2i).nonzero(as_tuple=True)
-    # Identical strings give identical fused inputs: one ITM pass per (image, text) suffices.
-    code = img * n_txt + caption_text_ids(emb.captions)[txt]
-    unique, inverse = torch.unique(code, return_inverse=True)
-    p_unique = itm_probabilities(model, emb, unique // n_txt, unique % n_txt, batch_size, device)
-    p_match = torch.zeros_like(s)
-    p_match[img, txt] = p_unique[inverse]
-    rescored = s + p_match
-    scores = RankingScores(
-        _place_above(s, rescored, cand.i2t, NON_CANDIDATE_GAP),
-        _place_above(s, rescored, cand.t2i, NON_CANDIDATE_GAP),
-    )
-    return ItmRescore(
-        scores,
-        cand,
-        p_match,
-        n_pairs=int(img.numel()),
-        n_evals=int(unique.numel()),
-        seconds=time.perf_counter() - t0,
+    rescored = s + torch.where(union, p, torch.zeros_like(p))
+    return ItmScores(
+        s_raw=RankingScores(
+            _place_above(s, rescored, cand.i2t, gap), _place_above(s, rescored, cand.t2i, gap)
+        ),
+        s_prob=RankingScores(
+            torch.where(cand.i2t, rescored, s), torch.where(cand.t2i, rescored, s)
+        ),
+        candidates=cand,
     )
 
 
@@ -267,52 +209,114 @@ def _check_tau(tau: float, name: str = "tau_s") -> float:
     return float(tau)
 
 
-def _scale_on_topk(log_w: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """W_map kept on the mask and divided by its per-query maximum (in [0, 1]), from log W."""
+def _check_scale(scale: str) -> str:
+    if scale not in SMR_SCALES:
+        raise ValueError(f"scale must be one of {SMR_SCALES}, got {scale!r}")
+    return scale
+
+
+def _scale_on_topk(log_w: Tensor, mask: Tensor, dim: int, scale: str) -> Tensor:
+    """W_map kept on the mask (each query's top-k) and scaled per query to [0, 1], from log W.
+
+    ``max``: W / max. ``minmax``: (W - min) / (max - min), so the query's least mutual
+    candidate gets 0. Degenerate case (one candidate, or all equal): the entries carry no
+    order, and both scalings give 1 to every candidate, a uniform shift of the query's top-k
+    that leaves its list unchanged.
+    """
     masked = log_w.masked_fill(~mask, float("-inf"))
     top = masked.amax(dim=dim, keepdim=True).nan_to_num(neginf=0.0)
-    return torch.exp(masked - top)  # exp(-inf) = 0 off the top-k
+    ratio = torch.exp(masked - top)  # W / max in (0, 1]; exp(-inf) = 0 off the top-k
+    if scale == "max":
+        return ratio
+    low = ratio.masked_fill(~mask, float("inf")).amin(dim=dim, keepdim=True)
+    span = 1.0 - low  # (max - min) / max
+    flat = span <= 0.0
+    scaled = (ratio - low) / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, torch.ones_like(ratio), scaled).masked_fill(~mask, 0.0)
 
 
-def smr_weights(s_raw: Tensor | RankingScores, tau_s: float, k: int) -> RankingScores:
+def smr_weights(
+    s_raw: Tensor | RankingScores,
+    tau_s: float,
+    k: int,
+    *,
+    s_prob: Tensor | RankingScores | None = None,
+    scale: str = "max",
+) -> RankingScores:
     """SMR's re-ranking probability weighted matrix W_map, masked and scaled per direction.
 
-    P_i2t = row-softmax(S_raw.i2t / τ_s), P_t2i = column-softmax(S_raw.t2i / τ_s) and
+    P_i2t = row-softmax(S.i2t / τ_s), P_t2i = column-softmax(S.t2i / τ_s) and
     W_map = P_i2t ⊙ P_t2i, the probability that image and caption pick each other (computed in
-    log space: the product of two small probabilities underflows float32). W_i2t keeps W_map
-    on each row's top-k of S_raw.i2t and divides by the row's maximum there; W_t2i likewise
-    per column of S_raw.t2i. A plain matrix S_raw is the pair (S_raw, S_raw).
+    log space: the product of two small probabilities underflows float32). S is ``s_prob``
+    when given (after ITM: :attr:`ItmScores.s_prob`, the scores without the non-candidate gap),
+    else ``s_raw``. W_i2t keeps W_map on each row's top-k of S_raw.i2t, W_t2i on each column's
+    top-k of S_raw.t2i, scaled per query to [0, 1] (``scale``: ``max`` or ``minmax``, see
+    :func:`_scale_on_topk`). A plain matrix stands for the pair (S, S).
 
     Returns:
         (W_i2t, W_t2i), [N_img, N_txt] float64 in [0, 1], 1 at each query's most mutual pair.
     """
     s = as_ranking(s_raw)
-    tau_s = _check_tau(tau_s)
-    log_w = torch.log_softmax(s.i2t / tau_s, dim=1) + torch.log_softmax(s.t2i / tau_s, dim=0)
+    p = s if s_prob is None else as_ranking(s_prob)
+    if p.i2t.shape != s.i2t.shape:
+        raise ValueError(f"s_prob is {tuple(p.i2t.shape)} but s_raw is {tuple(s.i2t.shape)}")
+    tau_s, scale = _check_tau(tau_s), _check_scale(scale)
+    log_w = torch.log_softmax(p.i2t / tau_s, dim=1) + torch.log_softmax(p.t2i / tau_s, dim=0)
     return RankingScores(
-        _scale_on_topk(log_w, topk_mask(s.i2t, k, dim=1), dim=1),
-        _scale_on_topk(log_w, topk_mask(s.t2i, k, dim=0), dim=0),
+        _scale_on_topk(log_w, topk_mask(s.i2t, k, dim=1), 1, scale),
+        _scale_on_topk(log_w, topk_mask(s.t2i, k, dim=0), 0, scale),
     )
 
 
-def smr(s_raw: Tensor | RankingScores, tau_s: float, k: int, lam: float) -> RankingScores:
+def smr(
+    s_raw: Tensor | RankingScores,
+    tau_s: float,
+    k: int,
+    lam: float,
+    *,
+    s_prob: Tensor | RankingScores | None = None,
+    scale: str = "max",
+) -> RankingScores:
     """S_opt = S_raw + λ·W_map per direction (METHOD §3, Fig. 4); see :func:`smr_weights`.
 
     λ = 0 returns S_raw unchanged. W >= 0 only on each query's top-k, so SMR re-orders each
     query's top-k and leaves the rest of its list as it was.
 
     Args:
-        s_raw: [N_img, N_txt] S_raw (S_itc, or the :func:`itm_rescore` pair).
+        s_raw: [N_img, N_txt] S_raw (S_itc, or :attr:`ItmScores.s_raw`).
         tau_s: τ_s > 0; k: top-k per query; lam: λ >= 0.
+        s_prob: the scores the softmaxes read (:attr:`ItmScores.s_prob` after ITM).
+        scale: ``max`` or ``minmax`` (``retrieval.smr_scale``).
 
     Returns:
         :class:`RankingScores` (S_opt for i2t, S_opt for t2i), float64.
     """
-    if not lam >= 0:
-        raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
+    return smr_scorer(s_raw, s_prob=s_prob, scale=scale)(tau_s, k, lam)
+
+
+def smr_scorer(
+    s_raw: Tensor | RankingScores,
+    *,
+    s_prob: Tensor | RankingScores | None = None,
+    scale: str = "max",
+) -> Callable[..., RankingScores]:
+    """``(tau_s, k, lam) -> S_opt`` on fixed scores; W_map is reused while (τ_s, k) repeat.
+
+    λ only scales W, so a grid that varies λ fastest computes one W per (τ_s, k).
+    """
     s = as_ranking(s_raw)
-    w = smr_weights(s, tau_s, k)
-    return RankingScores(s.i2t + lam * w.i2t, s.t2i + lam * w.t2i)
+    cache: dict[tuple[float, int], RankingScores] = {}
+
+    def score(tau_s: float, k: int, lam: float) -> RankingScores:
+        if not lam >= 0:
+            raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
+        if (tau_s, k) not in cache:
+            cache.clear()  # keep one W: memory stays at one pair of matrices
+            cache[tau_s, k] = smr_weights(s, tau_s, k, s_prob=s_prob, scale=scale)
+        w = cache[tau_s, k]
+        return RankingScores(s.i2t + lam * w.i2t, s.t2i + lam * w.t2i)
+
+    return score
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,31 +396,8 @@ def galr_rerank(
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics of a (i2t, t2i) pair, and the validation grid search of SMR
+# Metrics of a (i2t, t2i) pair, and the validation grid search of every re-ranker
 # --------------------------------------------------------------------------------------------
-def _merge_directions(i2t: dict[str, float], t2i: dict[str, float]) -> dict[str, float]:
-    """``txt_*`` keys from the i2t dict, ``img_*`` keys from the t2i dict, means recomputed."""
-    out = {key: (t2i[key] if "img_r" in key else value) for key, value in i2t.items()}
-    for key in out:
-        if "r_mean" in key:
-            prefix, suffix = key.split("r_mean")
-            pattern = re.compile(re.escape(prefix) + r"(txt|img)_r\d+" + re.escape(suffix))
-            parts = [v for name, v in out.items() if pattern.fullmatch(name)]
-            # The same float64 reduction as cmpagl.metrics, so equal recalls give equal means.
-            out[key] = float(torch.tensor(parts, dtype=torch.float64).mean())
-    return out
-
-
-def _directed(
-    metric: Callable[..., dict[str, float]], scores: RankingScores, *args, **kwargs
-) -> dict[str, float]:
-    """Apply a ``cmpagl.metrics`` function to a pair: i2t keys from ``i2t``, t2i from ``t2i``."""
-    first = metric(scores.i2t, *args, **kwargs)
-    if scores.i2t is scores.t2i:
-        return first
-    return _merge_directions(first, metric(scores.t2i, *args, **kwargs))
-
-
 def evaluate_ranking(
     scores: Tensor | RankingScores,
     txt2img: Tensor | np.ndarray,
@@ -426,16 +407,119 @@ def evaluate_ranking(
     """:func:`cmpagl.metrics.evaluate_retrieval` of a :class:`RankingScores` pair (METHOD §4).
 
     ``txt_*`` (image->text) keys come from ``scores.i2t``, ``img_*`` keys from ``scores.t2i``,
-    and every ``*r_mean*`` is their mean again. A plain matrix gives exactly
+    each direction's rank statistics computed once. A plain matrix gives exactly
     ``evaluate_retrieval(scores, ...)``.
     """
-    return _directed(evaluate_retrieval, as_ranking(scores), txt2img, caption_texts, ks)
+    s = as_ranking(scores)
+    other = None if s.i2t is s.t2i else s.t2i
+    return evaluate_retrieval(s.i2t, txt2img, caption_texts, ks, scores_t2i=other)
 
 
-def _criterion(s: RankingScores, txt2img, captions: Sequence[str] | None, criterion: str) -> float:
-    if criterion == "r_mean":
-        return _directed(recall_at_k, s, txt2img)["r_mean"]
-    return _directed(duplicate_aware_recall, s, txt2img, captions)["dup_r_mean"]
+CRITERIA: tuple[str, ...] = ("r_mean", "dup_r_mean")
+
+
+def _criterion_fn(
+    txt2img, captions: Sequence[str] | None, criterion: str
+) -> Callable[[RankingScores], float]:
+    """The validation criterion of a pair: expected ``r_mean`` or ``dup_r_mean``."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion == "dup_r_mean" and captions is None:
+        raise ValueError("criterion 'dup_r_mean' needs captions_val")
+    groups = caption_groups(captions) if criterion == "dup_r_mean" else None
+
+    def value(s: RankingScores) -> float:
+        kw = {"caption_groups": groups, "scores_t2i": s.t2i}
+        return recall_at_k(s.i2t, txt2img, **kw)["r_mean"]
+
+    return value
+
+
+@dataclass
+class GridSearch:
+    """What :func:`grid_search` chose, and everything it tried.
+
+    Attributes:
+        params: the chosen setting, or None when "no re-ranking" won.
+        value: the validation criterion at the choice.
+        off_value: the criterion without re-ranking (None if that was not a candidate).
+        axes: the values tried per setting, in search order (the grid is their product).
+        table: one row per evaluated point, in order: ``{"off": True, <criterion>}`` first
+            (if tried), then ``{<setting>: value, ..., <criterion>}``.
+        criterion: ``r_mean`` or ``dup_r_mean``.
+    """
+
+    params: dict[str, Any] | None
+    value: float
+    off_value: float | None
+    axes: dict[str, list]
+    table: list[dict[str, Any]]
+    criterion: str
+
+    @property
+    def size(self) -> int:
+        """Points evaluated, "no re-ranking" included."""
+        return len(self.table)
+
+    def on_edge(self) -> dict[str, bool | None]:
+        """Per setting: is the chosen value the smallest or largest of its axis?
+
+        None for an axis of one value (nothing to be on the edge of) and for every axis when
+        "no re-ranking" won. A chosen value on the edge says the optimum may lie outside.
+        """
+        out: dict[str, bool | None] = {}
+        for name, values in self.axes.items():
+            if self.params is None or len(set(values)) < 2:
+                out[name] = None
+            else:
+                out[name] = self.params[name] in (min(values), max(values))
+        return out
+
+
+def grid_search(
+    rerank_fn: Callable[..., Tensor | RankingScores],
+    s_val: Tensor | RankingScores,
+    txt2img_val: Tensor | np.ndarray,
+    axes: Mapping[str, Sequence[Any]],
+    captions_val: Sequence[str] | None = None,
+    *,
+    criterion: str = "r_mean",
+    with_off: bool = True,
+) -> GridSearch:
+    """Choose a re-ranker's settings on the VALIDATION split (METHOD §3): one routine for all.
+
+    The grid is the product of ``axes`` (the last axis varies fastest). "No re-ranking"
+    (``s_val`` itself) is tried first when ``with_off``; then every point, scored by
+    ``rerank_fn(**point)``. The criterion is the exact-tie expected ``r_mean`` of the directed
+    scores (or ``dup_r_mean``, which needs ``captions_val``). The earliest best wins and only a
+    strict improvement (by more than :data:`GRID_TOLERANCE`) counts, so a re-ranker is kept
+    only when it beats no re-ranking on validation, and among equals the earlier point wins.
+
+    Args:
+        rerank_fn: settings -> [N_img, N_txt] scores (matrix or pair) of the val split.
+        s_val: the val scores the re-ranker starts from ("no re-ranking").
+        txt2img_val: [N_txt] int; axes: setting name -> values (each non-empty).
+
+    Returns:
+        :class:`GridSearch`.
+    """
+    axes = {name: list(values) for name, values in axes.items()}
+    empty = [name for name, values in axes.items() if not values]
+    if not axes or empty:
+        raise ValueError(f"every grid axis needs at least one value; empty: {empty or 'all'}")
+    value_of = _criterion_fn(txt2img_val, captions_val, criterion)
+    table: list[dict[str, Any]] = []
+    best, best_value, off_value = None, float("-inf"), None
+    if with_off:
+        off_value = best_value = value_of(as_ranking(s_val))
+        table.append({"off": True, criterion: off_value})
+    for point in itertools.product(*axes.values()):
+        params = dict(zip(axes, point, strict=True))
+        value = value_of(as_ranking(rerank_fn(**params)))
+        table.append({**params, criterion: value})
+        if value > best_value + GRID_TOLERANCE:  # rounding noise is not a gain
+            best, best_value = params, value
+    return GridSearch(best, best_value, off_value, axes, table, criterion)
 
 
 def _check_grid(grid_tau, grid_k, grid_lambda) -> tuple[list[float], list[int], list[float]]:
@@ -446,8 +530,19 @@ def _check_grid(grid_tau, grid_k, grid_lambda) -> tuple[list[float], list[int], 
         topk_mask(torch.zeros(1, 1), k, dim=1)  # validates k
     if any(not lam >= 0 for lam in grid_lambda):
         raise ValueError(f"grid_lambda values must be >= 0, got {tuple(grid_lambda)}")
-    lambdas = [0.0] + [float(lam) for lam in grid_lambda if lam != 0]  # λ = 0: no re-ranking
-    return taus, [int(k) for k in grid_k], lambdas
+    return taus, [int(k) for k in grid_k], [float(lam) for lam in grid_lambda]
+
+
+def smr_axes(
+    grid_tau: Sequence[float], grid_k: Sequence[int], grid_lambda: Sequence[float]
+) -> dict[str, list]:
+    """SMR's checked grid axes ``{tau_s, k, lam}``; λ = 0 is dropped (it is "no re-ranking",
+    which :func:`grid_search` always tries first)."""
+    taus, ks, lambdas = _check_grid(grid_tau, grid_k, grid_lambda)
+    lambdas = [lam for lam in lambdas if lam != 0]
+    if not lambdas:
+        raise ValueError("grid_lambda needs a value > 0 (λ = 0 is always tried)")
+    return {"tau_s": taus, "k": ks, "lam": lambdas}
 
 
 def grid_search_smr(
@@ -459,35 +554,27 @@ def grid_search_smr(
     grid_lambda: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0),
     *,
     criterion: str = "r_mean",
-) -> tuple[SmrParams, list[dict[str, float]]]:
-    """Choose SMR's (τ_s, k, λ) on the VALIDATION split (METHOD §3): it sees only val arrays.
+    s_prob_val: Tensor | RankingScores | None = None,
+    scale: str = "max",
+) -> tuple[SmrParams, GridSearch]:
+    """SMR's (τ_s, k, λ) chosen on the VALIDATION split by :func:`grid_search`.
 
-    Every (τ_s, k) is tried with λ = 0 (no re-ranking, always added) and each λ of the grid.
-    The criterion is the exact-tie expected ``r_mean`` of the directed scores (or
-    ``dup_r_mean``, which needs ``captions_val``). The earliest best wins, λ = 0 first, so SMR
-    is chosen only when it strictly improves the validation criterion.
+    λ = 0 (no re-ranking) is tried first; SMR is chosen only when it strictly improves the
+    validation criterion. When it does not, the result is (τ_s, k) = the first grid values
+    and λ = 0, which returns S_raw unchanged.
 
     Args:
         s_raw_val: [N_img, N_txt] val S_raw (matrix or pair); txt2img_val: [N_txt] int.
+        s_prob_val: the val scores SMR's softmaxes read (after ITM, without the gap).
+        scale: how W_map is scaled (``max`` or ``minmax``).
 
     Returns:
-        (best :class:`SmrParams`, table: one dict ``{tau_s, k, lam, <criterion>}`` per point).
+        (best :class:`SmrParams`, the :class:`GridSearch`).
     """
-    if criterion not in ("r_mean", "dup_r_mean"):
-        raise ValueError(f"criterion must be 'r_mean' or 'dup_r_mean', got {criterion!r}")
-    if criterion == "dup_r_mean" and captions_val is None:
-        raise ValueError("criterion 'dup_r_mean' needs captions_val")
-    taus, ks, lambdas = _check_grid(grid_tau, grid_k, grid_lambda)
-    s = as_ranking(s_raw_val)
-    baseline = _criterion(s, txt2img_val, captions_val, criterion)
-    best, best_value, table = SmrParams(taus[0], ks[0], 0.0), baseline, []
-    for tau_s in taus:
-        for k in ks:
-            w = smr_weights(s, tau_s, k)  # λ only scales W: one W per (τ_s, k)
-            for lam in lambdas:
-                s_opt = RankingScores(s.i2t + lam * w.i2t, s.t2i + lam * w.t2i)
-                value = _criterion(s_opt, txt2img_val, captions_val, criterion) if lam else baseline
-                table.append({"tau_s": tau_s, "k": k, "lam": lam, criterion: value})
-                if value > best_value + GRID_TOLERANCE:  # rounding noise is not a gain
-                    best, best_value = SmrParams(tau_s, k, lam), value
-    return best, table
+    axes = smr_axes(grid_tau, grid_k, grid_lambda)
+    _check_scale(scale)
+    score = smr_scorer(s_raw_val, s_prob=s_prob_val, scale=scale)
+    found = grid_search(score, s_raw_val, txt2img_val, axes, captions_val, criterion=criterion)
+    if found.params is None:
+        return SmrParams(axes["tau_s"][0], axes["k"][0], 0.0), found
+    return SmrParams(**found.params), found

@@ -1,17 +1,21 @@
-"""Embedding a dataset split and scoring every image against every caption (METHOD.md §3 (1)).
+"""Running the model for retrieval (METHOD.md §3 (1)-(2)): embedding a split, scoring every
+image against every caption (S_itc), and the ITM probabilities of each query's top-k.
 
-Re-scoring with ITM and re-ranking (SMR and the baselines) build on these in
-:mod:`cmpagl.rerank`.
+Everything that needs the model lives here; turning its outputs into re-ranked matrices (S_raw,
+SMR, the baselines) is pure matrix work in :mod:`cmpagl.rerank`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cmpagl import rerank as rr
 from cmpagl.data.dataset import CaptionDataset
 from cmpagl.data.torch_data import EvalImages, make_loader
 from cmpagl.metrics import evaluate_retrieval
@@ -112,6 +116,140 @@ def _pad_cat(hidden: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]
 def itc_scores(emb: SplitEmbeddings) -> Tensor:
     """S_itc [N_img, N_txt] = v · t (cosine; τ does not change the ranking)."""
     return emb.image_embed @ emb.text_embed.t()
+
+
+# --------------------------------------------------------------------------------------------
+# ITM probabilities of each query's top-k (METHOD §3 step 2)
+# --------------------------------------------------------------------------------------------
+def caption_text_ids(captions: Sequence[str]) -> Tensor:
+    """[N_txt] int64: index of the first caption with exactly the same string.
+
+    Exact strings (not normalised ones): only those are guaranteed the same tokens.
+    """
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(c, j) for j, c in enumerate(captions)], dtype=torch.long)
+
+
+@torch.no_grad()
+def itm_probabilities(
+    model: CMPAGL,
+    emb: SplitEmbeddings,
+    img: Tensor,
+    txt: Tensor,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """p_match = softmax(ITM logits)[:, 1] of the fused pairs (img[p], txt[p]) -> [P] float64.
+
+    Runs ``model.fuse`` + ``model.itm_logits`` in eval mode, ``batch_size`` pairs at a time.
+    Pairs are processed shortest caption first and each batch is cut to its longest caption,
+    so little time goes into padding (padded keys are masked, the result is the same).
+    """
+    if emb.image_fusion.numel() == 0 or emb.text_hidden.numel() == 0:
+        raise ValueError("ITM needs the fusion inputs: embed_split(..., keep_fusion=True)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    valid = emb.text_mask.bool()
+    lengths = valid.sum(1)
+    order = torch.argsort(lengths[txt], stable=True)
+    out = torch.empty(img.numel(), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, img.numel(), batch_size):
+            idx = order[start : start + batch_size]
+            ii, tt = img[idx], txt[idx]
+            length = int(valid[tt].any(0).nonzero().max()) + 1
+            fused = model.fuse(
+                emb.text_hidden[tt, :length].to(device),
+                emb.text_mask[tt, :length].to(device),
+                emb.image_fusion[ii].to(device),
+            )
+            logits = model.itm_logits(fused).float()
+            out[idx] = logits.softmax(-1)[:, 1].double().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class ItmRescore:
+    """Result of :func:`itm_rescore`.
+
+    Attributes:
+        scores: S_raw per direction, [N_img, N_txt] float64 (:attr:`cmpagl.rerank.ItmScores.
+            s_raw`): S_itc + p_match on the query's candidates, below them the rest in ITC order.
+        s_prob: the same without the non-candidate gap, what SMR's softmaxes read.
+        candidates: the bool candidate masks per direction (each query's top-k by S_itc).
+        p_match: [N_img, N_txt] float64, p_match on the union of both directions' top-k, NaN
+            where the model was not run. :func:`cmpagl.rerank.itm_scores` turns it into S_raw
+            for any k' <= ``k`` without running the model again.
+        k: the candidates per query that were scored.
+        n_pairs: size of the union of both directions' candidate pairs.
+        n_evals: ITM forward passes: distinct (image, caption text) pairs among them.
+        seconds: wall time of the re-scoring.
+    """
+
+    scores: rr.RankingScores
+    s_prob: rr.RankingScores
+    candidates: rr.RankingScores
+    p_match: Tensor
+    k: int
+    n_pairs: int
+    n_evals: int
+    seconds: float
+
+
+def itm_rescore(
+    model: CMPAGL,
+    emb: SplitEmbeddings,
+    s_itc: Tensor,
+    k: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> ItmRescore:
+    """Run the ITM head on each query's top-k (METHOD §3 step 2) and build S_raw.
+
+    Image query i: its top-k captions by S_itc (row). Caption query j: its top-k images
+    (column). The union of these pairs is evaluated once per distinct (image, caption text)
+    through the multimodal encoder and ITM head (:func:`itm_probabilities`); then
+    :func:`cmpagl.rerank.itm_scores` re-orders each query's candidates by S_itc + p_match.
+
+    Args:
+        model: CMPAGL; emb: the split's :class:`SplitEmbeddings` (with fusion inputs).
+        s_itc: [N_img, N_txt] S_itc of the same split; k: candidates per query (ties kept).
+
+    Returns:
+        :class:`ItmRescore` with the S_raw pair, p_match, counts and wall time.
+    """
+    t0 = time.perf_counter()
+    s = s_itc.detach().double().cpu()
+    n_img, n_txt = s.shape
+    n_emb = (emb.image_embed.shape[0], emb.text_embed.shape[0])
+    if n_emb != (n_img, n_txt):
+        raise ValueError(
+            f"s_itc is {tuple(s.shape)} but the embeddings hold {n_emb[0]} images "
+            f"and {n_emb[1]} captions"
+        )
+    cand = rr.itm_candidates(s, k)
+    img, txt = (cand.i2t | cand.t2i).nonzero(as_tuple=True)
+    # Identical strings give identical fused inputs: one ITM pass per (image, text) suffices.
+    code = img * n_txt + caption_text_ids(emb.captions)[txt]
+    unique, inverse = torch.unique(code, return_inverse=True)
+    p_unique = itm_probabilities(model, emb, unique // n_txt, unique % n_txt, batch_size, device)
+    p_match = torch.full_like(s, float("nan"))
+    p_match[img, txt] = p_unique[inverse]
+    scored = rr.itm_scores(s, p_match, k)
+    return ItmRescore(
+        scored.s_raw,
+        scored.s_prob,
+        scored.candidates,
+        p_match,
+        k=int(k),
+        n_pairs=int(img.numel()),
+        n_evals=int(unique.numel()),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def evaluate_itc(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import numpy as np
@@ -15,9 +16,11 @@ import torch
 import cmpagl.evaluate as ev
 from cmpagl import rerank as rr
 from cmpagl.config import DataConfig, ExperimentConfig, ModelConfig, RetrievalConfig, to_dict
-from cmpagl.data.build import dataset_from_config
+from cmpagl.data.build import dataset_from_config, transforms_from_config
 from cmpagl.metrics import TieRanks, i2t_ranks, t2i_ranks
 from cmpagl.models.cmpagl import build_model
+from cmpagl.models.pretrained import load_pretrained
+from cmpagl.retrieval import embed_split, itc_scores
 
 ALL = ("none", "itm", "smr", "itm+smr", "dual_softmax", "inverted_softmax", "galr")
 STANDARD = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -33,10 +36,12 @@ def cfg(small_synthetic) -> ExperimentConfig:
     data = DataConfig(name="small", root=str(small_synthetic), image_size=32, num_workers=0)
     retrieval = RetrievalConfig(
         batch_size=64,
-        itm_k=2,
+        itm_grid_k=(2, 4),
         smr_grid_tau=(0.01, 0.1),
         smr_grid_k=(2, 5),
         smr_grid_lambda=(0.1, 1.0),
+        galr_grid_k=(2, 5),
+        galr_grid_wp1=(),  # an empty axis: its fixed value (retrieval.galr_wp1)
     )
     return ExperimentConfig(seed=0, model=model, data=data, retrieval=retrieval)
 
@@ -44,21 +49,24 @@ def cfg(small_synthetic) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg.model, use_momentum=False)
+    model = build_model(cfg.model, use_momentum=False)
+    load_pretrained(model)  # the MiniLM text weights, as training starts from
+    return model
 
 
 @pytest.fixture(scope="module")
 def run(cfg, model, tmp_path_factory):
-    """One evaluation with every re-ranker; records what grid_search_smr receives."""
+    """One evaluation with every re-ranker; records what each grid search receives."""
     calls = []
+    search = rr.grid_search
 
-    def spy(s_raw_val, txt2img_val, captions_val, *args, **kwargs):
-        calls.append((rr.as_ranking(s_raw_val), np.asarray(txt2img_val), list(captions_val)))
-        return rr.grid_search_smr(s_raw_val, txt2img_val, captions_val, *args, **kwargs)
+    def spy(rerank_fn, s_val, txt2img_val, axes, captions_val=None, **kwargs):
+        calls.append((rr.as_ranking(s_val), np.asarray(txt2img_val), list(captions_val), axes))
+        return search(rerank_fn, s_val, txt2img_val, axes, captions_val, **kwargs)
 
     out = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "grid_search_smr", spy)
+        mp.setattr(rr, "grid_search", spy)
         result = ev.evaluate_model(
             model, cfg, "test", ALL, checkpoint="runs/x/best.pt", out_dir=out
         )
@@ -72,30 +80,63 @@ def test_result_file_holds_every_reranker(run):
     assert list(on_disk["metrics"]) == list(ALL)
     for name, m in on_disk["metrics"].items():
         for key in STANDARD:
-            assert key in m and f"{key}_pess" in m and f"dup_{key}" in m, name
+            for variant in (key, f"{key}_pess", f"{key}_index", f"dup_{key}"):
+                assert variant in m, (name, variant)
             assert 0.0 <= m[key] <= 100.0
         assert not any(k.startswith("oracle_") for k in m)
     assert set(on_disk["oracle"]) == {f"oracle_{k}" for k in STANDARD}
+    assert set(on_disk["tie_conventions"]) == {"", "_pess", "_index"}
     assert on_disk["n_images"] == 10 and on_disk["n_captions"] == 50
 
 
-def test_smr_params_are_chosen_on_val_only(run, cfg):
+def test_every_reranker_is_tuned_on_val_alike(run, cfg):
+    """The same treatment for all: a val grid with "no re-ranking" first, the earliest strict
+    best, its size and edge flags in the result file."""
     result, _, calls = run
     val = dataset_from_config(cfg.data).split("val")
     test = dataset_from_config(cfg.data).split("test")
-    assert len(calls) == 2  # smr on S_itc, itm+smr on the ITM S_raw
-    for s_raw, txt2img, captions in calls:
+    tuning = result["tuning"]
+    assert list(tuning) == [n for n in ALL if n != "none"]
+    assert len(calls) == len(tuning)  # one search each, on val arrays only
+    for s_val, txt2img, captions, _ in calls:
         assert captions == val.all_captions and captions != test.all_captions
         assert np.array_equal(txt2img, val.txt2img)
-        assert s_raw.i2t.shape == (val.num_images, val.num_captions)
-    for name in ("smr", "itm+smr"):
-        choice = result["smr"][name]
-        table = choice["val_grid"]
+        assert s_val.i2t.shape == (val.num_images, val.num_captions)
+    expected_axes = {
+        "itm": {"itm_k": [2, 4]},
+        "smr": {"tau_s": [0.01, 0.1], "k": [2, 5], "lam": [0.1, 1.0]},
+        "itm+smr": {"tau_s": [0.01, 0.1], "k": [2, 5], "lam": [0.1, 1.0]},
+        "dual_softmax": {"tau": list(cfg.retrieval.dual_softmax_grid_tau)},
+        "inverted_softmax": {"tau": list(cfg.retrieval.inverted_softmax_grid_tau)},
+        "galr": {
+            "k": [2, 5],
+            "wp1": [cfg.retrieval.galr_wp1],
+            "wp2": list(cfg.retrieval.galr_grid_wp2),
+            "decay": list(cfg.retrieval.galr_grid_decay),
+        },
+    }
+    for name, choice in tuning.items():
         assert choice["source"] == "val grid search"
-        assert len(table) == 2 * 2 * 3  # λ = 0 added
+        assert choice["grid"] == expected_axes[name]
+        assert choice["grid_size"] == 1 + math.prod(len(v) for v in choice["grid"].values())
+        table = choice["val_grid"]
+        assert len(table) == choice["grid_size"] and table[0]["off"] is True
         best = max(row["r_mean"] for row in table)
         first = next(row for row in table if row["r_mean"] >= best - rr.GRID_TOLERANCE)
-        assert choice["params"] == {"tau_s": first["tau_s"], "k": first["k"], "lam": first["lam"]}
+        if first.get("off"):
+            assert choice["params"] is None and choice["off"]
+            assert set(choice["on_edge"].values()) == {None}
+        else:
+            assert choice["params"] == {a: first[a] for a in choice["grid"]}
+            for axis, values in choice["grid"].items():
+                edge = choice["on_edge"][axis]
+                chosen = choice["params"][axis]
+                assert edge is (None if len(values) == 1 else chosen in (min(values), max(values)))
+    # ITM: the val split was scored once, for the largest k; itm+smr starts from itm's choice
+    assert result["itm"]["val_k"] == 4
+    itm_params = tuning["itm"]["params"]
+    assert tuning["itm+smr"]["itm_k"] == (None if itm_params is None else itm_params["itm_k"])
+    assert result["smr"]["smr"]["params"].keys() == {"tau_s", "k", "lam"}
 
 
 def test_timings_and_provenance(run, cfg):
@@ -103,9 +144,11 @@ def test_timings_and_provenance(run, cfg):
     t = result["timings"]
     assert set(t["rerank_s"]) == set(ALL)
     assert all(v >= 0 for v in t["rerank_s"].values())
-    assert t["rerank_s"]["itm+smr"] >= t["rerank_s"]["itm"] > 0  # includes the ITM passes
-    assert t["embed_s"] > 0 and t["embed_val_s"] > 0
-    assert result["itm"]["n_evals"] <= result["itm"]["n_pairs"]
+    if result["itm"]["k"] is not None:  # includes the ITM passes
+        assert t["rerank_s"]["itm+smr"] >= t["rerank_s"]["itm"] > 0
+        assert result["itm"]["n_evals"] <= result["itm"]["n_pairs"]
+    assert t["embed_s"] > 0 and t["embed_val_s"] > 0 and t["itm_val_s"] > 0
+    assert set(t["grid_s"]) == set(result["tuning"])
     assert result["config"] == json.loads(json.dumps(to_dict(cfg)))
     assert result["checkpoint"] == "runs/x/best.pt"
     commit = result["git_commit"]
@@ -114,33 +157,44 @@ def test_timings_and_provenance(run, cfg):
     assert result["hardware"]["cpu_count"] >= 1 and result["hardware"]["device"] == "cpu"
 
 
-def r_mean_from_counts(counts_i2t, counts_t2i) -> float:
-    hits = [TieRanks(*c.long()).hit_probability().mean(0) for c in (counts_i2t, counts_t2i)]
+def r_mean_from_counts(counts_i2t, counts_t2i, index: bool = False) -> float:
+    ranks = [TieRanks(*c.long()) for c in (counts_i2t, counts_t2i)]
+    hits = [(r.index_hits() if index else r.hit_probability()).mean(0) for r in ranks]
     return float(torch.cat(hits).mean() * 100)
 
 
-def test_saved_matrices_reproduce_the_reported_numbers(run):
+def test_saved_matrices_reproduce_the_reported_numbers(run, cfg):
     result, out, _ = run
     saved = torch.load(out / "scores_test.pt")
     metrics, txt2img, captions = result["metrics"], saved["txt2img"], saved["captions"]
-    assert saved["S_raw_from"] == "itm" and saved["S_opt_from"] == "itm+smr"
-    pairs = {
-        "none": saved["S_itc"],
-        "itm": tuple(saved["S_raw"].values()),
-        "itm+smr": tuple(saved["S_opt"].values()),
-    }
+    assert saved["S_opt_from"] == "itm+smr" and saved["itm_k"] == result["itm"]["k"]
+    params = result["tuning"]["itm+smr"]["params"]
+    scale = cfg.retrieval.smr_scale
+    if saved["itm_k"] is None:  # val chose no ITM: S_raw is S_itc
+        assert saved["S_raw_from"] == "none"
+        assert torch.equal(saved["S_raw"]["i2t"], saved["S_itc"].double())
+        s_raw, s_prob = tuple(saved["S_raw"].values()), None
+    else:  # S_raw and the gap-free scores SMR read are rebuilt from p_match
+        assert saved["S_raw_from"] == "itm"
+        stage = rr.itm_scores(saved["S_itc"], saved["p_match"], saved["itm_k"])
+        assert torch.equal(stage.s_raw.i2t, saved["S_raw"]["i2t"])
+        assert torch.equal(stage.s_raw.t2i, saved["S_raw"]["t2i"])
+        s_raw, s_prob = stage.s_raw, stage.s_prob
+    pairs = {"none": saved["S_itc"], "itm": s_raw, "itm+smr": tuple(saved["S_opt"].values())}
     for name, scores in pairs.items():
         again = rr.evaluate_ranking(scores, txt2img, captions)
         assert again == {k: v for k, v in metrics[name].items() | result["oracle"].items()}
     # S_opt is SMR of S_raw with the parameters chosen on val
-    s_opt = rr.smr(tuple(saved["S_raw"].values()), **result["smr"]["itm+smr"]["params"])
-    assert torch.equal(s_opt.i2t, saved["S_opt"]["i2t"])
-    # per-query statistics of every re-ranker give its r_mean
+    s_opt = s_raw if params is None else rr.smr(s_raw, **params, s_prob=s_prob, scale=scale)
+    assert torch.equal(rr.as_ranking(s_opt).i2t, saved["S_opt"]["i2t"])
+    # per-query statistics of every re-ranker give its r_mean, expected and index-order
     for name in ALL:
         ranks = saved["ranks"][name]
-        assert ranks["i2t_expected_rank"].shape == (10,) and ranks["t2i_counts"].shape == (3, 50)
+        assert ranks["i2t_expected_rank"].shape == (10,) and ranks["t2i_counts"].shape == (4, 50)
         got = r_mean_from_counts(ranks["i2t_counts"], ranks["t2i_counts"])
         assert got == pytest.approx(metrics[name]["r_mean"], abs=1e-9)
+        got = r_mean_from_counts(ranks["i2t_counts"], ranks["t2i_counts"], index=True)
+        assert got == pytest.approx(metrics[name]["r_mean_index"], abs=1e-9)
     s_itc = saved["S_itc"]
     assert torch.equal(
         saved["ranks"]["none"]["i2t_expected_rank"], i2t_ranks(s_itc, txt2img).expected_rank
@@ -148,6 +202,11 @@ def test_saved_matrices_reproduce_the_reported_numbers(run):
     assert torch.equal(
         saved["ranks"]["none"]["t2i_counts"][0].long(), t2i_ranks(s_itc, txt2img).above
     )
+
+
+def test_every_reranker_runs_by_default():
+    assert ev.DEFAULT_RERANKERS == ALL  # inverted softmax included
+    assert set(ev.SETTINGS) == set(ALL) - {"none"}  # and every one with settings is tuned
 
 
 def test_unknown_reranker_is_rejected_before_any_work(cfg):
@@ -164,12 +223,29 @@ def test_val_split_alone_and_without_scores(cfg, model, tmp_path):
     assert result["itm"] is None and set(result["metrics"]) == {"none", "smr"}
 
 
+def test_fixed_settings_are_said_to_be_fixed(cfg, model, tmp_path):
+    """All axes of a re-ranker empty: its fixed values, no val search, and the file says so."""
+    fixed = dataclasses.replace(
+        cfg, retrieval=dataclasses.replace(cfg.retrieval, dual_softmax_grid_tau=())
+    )
+    result = ev.evaluate_model(
+        model, fixed, "test", ("none", "dual_softmax"), out_dir=tmp_path, save_scores=False
+    )
+    choice = result["tuning"]["dual_softmax"]
+    assert choice["source"] == "config" and choice["params"] == {"tau": 0.01}
+    assert "retrieval.dual_softmax_grid_tau" in choice["note"] and choice["grid_size"] == 0
+    assert result["timings"]["embed_val_s"] is None  # nothing to search: val never embedded
+    test = dataset_from_config(cfg.data).split("test")
+    emb = embed_split(model, test, transforms_from_config(cfg.data)[1], keep_fusion=False)
+    again = rr.evaluate_ranking(rr.dual_softmax(itc_scores(emb), 0.01), test.txt2img)
+    assert again["r_mean"] == pytest.approx(result["metrics"]["dual_softmax"]["r_mean"])
+
+
 def test_identical_captions_get_identical_text_features(small_synthetic, model):
     """embed_split encodes each distinct string once, so identical captions tie exactly
     (METHOD §4) whatever the batch layout."""
     from cmpagl.data import load_dataset
     from cmpagl.data.transforms import build_eval_transform
-    from cmpagl.retrieval import embed_split
 
     ds = load_dataset(small_synthetic).split("train")
     size = model.cfg.gswin.img_size

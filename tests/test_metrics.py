@@ -379,3 +379,119 @@ def test_bad_options_raise():
         m.evaluate_retrieval(s, t2i, ["only one"])
     with pytest.raises(ValueError, match="sequence of strings"):
         m.caption_groups("not a list")
+
+
+# --------------------------------------------------------------------------------------------
+# (9) the public evaluators' index convention (ties="index")
+# --------------------------------------------------------------------------------------------
+def peers_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt, kind=None):
+    """ALBEF's ``itm_eval`` (Retrieval.py; SCAN's i2t/t2i loops are the same), transcribed.
+
+    scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img] as in ALBEF; ``kind`` is passed to
+    ``np.argsort`` (None: NumPy's default, unstable sort, as the original).
+    """
+    # Images->Text
+    ranks = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        inds = np.argsort(score, kind=kind)[::-1]
+        # Score
+        rank = 1e20
+        for i in img2txt[index]:
+            tmp = np.where(inds == i)[0][0]
+            if tmp < rank:
+                rank = tmp
+        ranks[index] = rank
+    tr1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    tr5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    tr10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    # Text->Images
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score, kind=kind)[::-1]
+        ranks[index] = np.where(inds == txt2img[index])[0][0]
+    ir1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    ir5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    ir10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    tr_mean = (tr1 + tr5 + tr10) / 3
+    ir_mean = (ir1 + ir5 + ir10) / 3
+    r_mean = (tr_mean + ir_mean) / 2
+    return {
+        "txt_r1": tr1,
+        "txt_r5": tr5,
+        "txt_r10": tr10,
+        "img_r1": ir1,
+        "img_r5": ir5,
+        "img_r10": ir10,
+        "r_mean": r_mean,
+    }
+
+
+def peers(scores, t2i, kind=None, scores_t2i=None):
+    img2txt = {i: np.flatnonzero(t2i == i).tolist() for i in range(scores.shape[0])}
+    other = scores if scores_t2i is None else scores_t2i
+    return peers_itm_eval(scores, other.T, t2i, img2txt, kind)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_index_ties_equal_the_peers_loop(seed):
+    rng = np.random.default_rng(500 + seed)
+    t2i = random_txt2img(14, rng, 1, 6)
+    # Tie-free: the original loop, NumPy's default sort, agrees with every tie mode.
+    scores = rng.normal(size=(14, t2i.size))
+    want = peers(scores, t2i)
+    for ties in ("index", "expected", "pessimistic"):
+        assert_close(m.recall_at_k(scores, t2i, ties=ties), want)
+    # Tied (integer scores, identical caption columns): the order we claim is the loop with a
+    # stable sort, larger index first among ties.
+    tied = rng.integers(0, 3, size=(14, t2i.size)).astype(np.float32)
+    tied[:, 1] = tied[:, 0]
+    got = m.recall_at_k(tied, t2i, ties="index")
+    assert_close(got, peers(tied, t2i, kind="stable"))
+    assert_close(m.recall_at_k(torch.from_numpy(tied), torch.from_numpy(t2i), ties="index"), got)
+    # and it is a convention: it differs from the expectation here, and reversing the caption
+    # order changes it (the expectation does not move)
+    expected = m.recall_at_k(tied, t2i)
+    assert any(abs(got[k] - expected[k]) > 1e-6 for k in KEYS)
+    rev = np.arange(t2i.size)[::-1]
+    assert_close(m.recall_at_k(tied[:, rev], t2i[rev]), expected)
+    assert m.recall_at_k(tied[:, rev], t2i[rev], ties="index") != got
+    # both directions from their own matrices, as after re-ranking
+    other = rng.integers(0, 3, size=(14, t2i.size)).astype(np.float64)
+    pair = m.recall_at_k(tied, t2i, ties="index", scores_t2i=other)
+    assert_close(pair, peers(tied, t2i, kind="stable", scores_t2i=other))
+
+
+def test_index_rank_by_hand_and_in_evaluate_retrieval():
+    # Row 0: captions 0 (own), 1, 2 tie at the top; larger index first -> 2, 1, 0: rank 2.
+    scores = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.5, 0.2, 0.9]])
+    t2i = np.array([0, 1, 1, 1])
+    ranks = m.i2t_ranks(scores, t2i)
+    assert ranks.index_rank.tolist() == [2, 0]
+    assert ranks.index_ahead.tolist() == [2, 0]
+    assert ranks.expected_rank.tolist() == pytest.approx([1.0, 0.0])
+    out = m.evaluate_retrieval(scores, t2i, ["a", "b", "c", "d"])
+    assert out["txt_r1_index"] == 50.0 and out["txt_r1"] == pytest.approx(100 * (1 / 3 + 1) / 2)
+    assert {f"{k}_index" for k in KEYS} <= set(out) and {f"{k}_pess" for k in KEYS} <= set(out)
+    # the oracle's statistics carry no index counts
+    with pytest.raises(ValueError, match="no index-order counts"):
+        _ = m.oracle_ranks(t2i, ["a", "b", "c", "d"])[0].index_rank
+
+
+def test_retrieval_ranks_once_per_direction_give_every_key():
+    rng = np.random.default_rng(21)
+    t2i = random_txt2img(7, rng)
+    texts = random_texts(t2i.size, rng)
+    a = rng.integers(0, 3, size=(7, t2i.size)).astype(float)
+    b = rng.normal(size=(7, t2i.size))
+    ranks = m.retrieval_ranks(a, t2i, texts, scores_t2i=b)
+    assert torch.equal(ranks.i2t.index_ahead, m.i2t_ranks(a, t2i).index_ahead)
+    assert torch.equal(ranks.t2i.above, m.t2i_ranks(b, t2i).above)
+    got = m.ranks_to_metrics(ranks)
+    ma, mb = m.evaluate_retrieval(a, t2i, texts), m.evaluate_retrieval(b, t2i, texts)
+    for key, value in got.items():
+        assert value == (ma if "txt_r" in key else mb if "img_r" in key else got)[key]
+    assert m.evaluate_retrieval(a, t2i, texts, scores_t2i=b) == got | m.oracle_upper_bound(
+        t2i, texts
+    )
+    with pytest.raises(ValueError, match="scores_t2i is"):
+        m.retrieval_ranks(a, t2i, scores_t2i=b[:, :2])

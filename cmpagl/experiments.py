@@ -1,0 +1,649 @@
+"""Sweeps: every (variant, seed) of a YAML spec, each one training run executed as the training
+notebook (``notebooks/05_train.ipynb``) by papermill, resumable across sessions and machines.
+
+    cmpagl sweep experiments/sweeps/ucm_ablations.yaml     # or: python -m cmpagl.experiments
+    cmpagl sweep SPEC.yaml --dry-run                       # the runs and the state of each
+    cmpagl sweep SPEC.yaml --seeds 1 --only cmpagl         # a part (another machine, say)
+    cmpagl sweep SPEC.yaml -p rerankers '[none, smr]'      # a notebook parameter for every run
+
+A spec (relative paths are read from the repository root)::
+
+    name: ucm_ablations                 # default: the file's stem
+    config: configs/ucm_cpu.yaml        # every variant's base config
+    overrides: [train.log_every=20]     # for every variant, before the variant's own
+    seeds: [0, 1, 2]
+    budget: {epochs: 10}                # and/or max_steps; absent or 0: the config's
+    rerankers: []                       # empty: all (the ITM ones only where ITM was trained)
+    out: runs/sweeps/ucm_ablations      # default runs/sweeps/<name>
+    results: results                    # records go to <results>/<name>/
+    notebook: notebooks/05_train.ipynb
+    parameters: {}                      # further notebook parameters for every run
+    retries: 1                          # a failed run is tried this many more times
+    variants:
+      cmpagl: []                        # a list of overrides
+      no_global: [model.gswin.global_mode=off]
+      baseline: {config: configs/ucm_cpu_baseline.yaml}   # another base config
+
+Each (variant, seed) runs in ``<out>/<variant>/seed<k>/``: its checkpoints, log, evaluation and
+the executed notebook, the run's browsable report. Only small files go to
+``<results>/<name>/``: one JSON record per run (``<variant>/seed<k>.json``), ``runs.csv`` (one
+row per run) and ``table.md`` (mean ± std over seeds per variant).
+
+Resuming: a run whose record says ``ok`` is skipped, so committed records carry a sweep to
+another machine. A run interrupted mid-way has no record; it is executed again and the notebook
+continues from its checkpoint. A failed run is tried again (``retries``), then recorded as
+failed, shown in the table and listed at the end, and the command exits with status 1; the next
+invocation tries it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmpagl.config import ConfigError, _read_yaml_mapping, _yaml_load, from_dict
+from cmpagl.fileio import atomic_write_text
+from cmpagl.report import KEYS, mean_sd
+from cmpagl.runs import RESULT_FILE, portable_path, resolve_path
+
+__all__ = [
+    "DEFAULT_NOTEBOOK",
+    "Run",
+    "SweepReport",
+    "SweepSpec",
+    "Variant",
+    "check_parameters",
+    "load_spec",
+    "main",
+    "run_parameters",
+    "run_sweep",
+]
+
+DEFAULT_NOTEBOOK = "notebooks/05_train.ipynb"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a folder name on every system
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """Training budget of every run; 0 keeps the config's value."""
+
+    epochs: int = 0
+    max_steps: int = 0
+
+
+@dataclass
+class _SpecFields:
+    """The typed keys of a spec file (``variants`` and ``parameters`` are read separately)."""
+
+    config: str
+    name: str = ""
+    notebook: str = DEFAULT_NOTEBOOK
+    overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    budget: Budget = field(default_factory=Budget)
+    rerankers: tuple[str, ...] = ()
+    out: str = ""
+    results: str = "results"
+    retries: int = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named variant: its base config and its overrides (after the spec's own)."""
+
+    name: str
+    config: Path
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (variant, seed): where it trains and where its record goes."""
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    record_path: Path
+    notebook_path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+
+@dataclass
+class SweepSpec:
+    """A loaded, checked spec (see the module docstring for the file format)."""
+
+    name: str
+    path: Path
+    notebook: Path
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    budget: Budget
+    overrides: tuple[str, ...]
+    rerankers: tuple[str, ...]
+    out: Path
+    results: Path
+    parameters: dict[str, Any]
+    retries: int
+
+    def runs(self) -> list[Run]:
+        """Every (variant, seed), seed by seed: a sweep stopped half-way has whole seeds of
+        every variant to compare rather than every seed of a few variants."""
+        return [
+            Run(
+                v,
+                seed,
+                self.out / v.name / f"seed{seed}",
+                self.results / v.name / f"seed{seed}.json",
+                self.out / v.name / f"seed{seed}" / self.notebook.name,
+            )
+            for seed in self.seeds
+            for v in self.variants
+        ]
+
+
+def _spec_error(path: Path, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {key}: {message}", key=key, source=str(path))
+
+
+def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
+    """``variants:`` -> Variants; each a list of overrides or ``{config, overrides}``."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise _spec_error(path, "variants", "expected a mapping of name -> list of overrides")
+    out = []
+    for name, value in raw.items():
+        key = f"variants.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise _spec_error(path, key, "a name of letters, digits and _ . + - (a folder name)")
+        config, overrides = base, value if value is not None else []
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"config", "overrides"})
+            if unknown:
+                raise _spec_error(path, key, f"unknown key(s) {unknown}; known: config, overrides")
+            config = resolve_path(value.get("config") or base)
+            overrides = value.get("overrides") or []
+        if not isinstance(overrides, list) or not all(
+            isinstance(o, str) and "=" in o for o in overrides
+        ):
+            raise _spec_error(path, key, f"expected a list of key=value strings, got {value!r}")
+        if not config.is_file():
+            raise _spec_error(path, key, f"config file {config} not found")
+        out.append(Variant(name, config, tuple(overrides)))
+    return tuple(out)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep spec.
+
+    Raises:
+        ConfigError: a YAML error, an unknown or mistyped key (with the closest valid one), a
+            missing config or notebook, a bad variant, no seeds or repeated ones, a negative
+            budget, an unknown re-ranker.
+    """
+    path = Path(path)
+    data = _read_yaml_mapping(path, None)
+    raw_variants = data.pop("variants", None)
+    parameters = data.pop("parameters", None) or {}
+    fields = from_dict(_SpecFields, data, str(path))
+    base = resolve_path(fields.config)
+    if not base.is_file():
+        raise _spec_error(path, "config", f"config file {base} not found")
+    name = fields.name or path.stem
+    if not _NAME.match(name):
+        raise _spec_error(path, "name", f"{name!r} is not a folder name")
+    notebook = resolve_path(fields.notebook)
+    if not notebook.is_file():
+        raise _spec_error(path, "notebook", f"{notebook} not found")
+    if not fields.seeds or len(set(fields.seeds)) != len(fields.seeds):
+        raise _spec_error(path, "seeds", f"expected distinct seeds, got {list(fields.seeds)}")
+    if min(fields.budget.epochs, fields.budget.max_steps, fields.retries) < 0:
+        raise _spec_error(path, "budget", "epochs, max_steps and retries must be >= 0")
+    if fields.rerankers:
+        from cmpagl.evaluate import RERANKERS  # torch: only when the spec names re-rankers
+
+        unknown = [r for r in fields.rerankers if r not in RERANKERS]
+        if unknown:
+            raise _spec_error(path, "rerankers", f"unknown {unknown}; known: {list(RERANKERS)}")
+    if not isinstance(parameters, Mapping):
+        raise _spec_error(path, "parameters", "expected a mapping of notebook parameters")
+    return SweepSpec(
+        name=name,
+        path=path,
+        notebook=notebook,
+        variants=_read_variants(path, raw_variants, base),
+        seeds=fields.seeds,
+        budget=fields.budget,
+        overrides=fields.overrides,
+        rerankers=fields.rerankers,
+        out=resolve_path(fields.out or f"runs/sweeps/{name}"),
+        results=resolve_path(fields.results) / name,
+        parameters=dict(parameters),
+        retries=fields.retries,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook parameters
+# ----------------------------------------------------------------------------------------------
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+def _type_ok(type_name: str, value: Any) -> bool:
+    """Whether ``value`` fits a parameter's annotation (``int``, ``list[str]``, ...); a type
+    this check does not know passes."""
+    types = _TYPES.get(type_name.split("[")[0].strip())
+    if types is None:
+        return True
+    if isinstance(value, bool) and bool not in types:  # True is an int to Python, not here
+        return False
+    return isinstance(value, types)
+
+
+def check_parameters(notebook: str | Path, parameters: Mapping[str, Any]) -> None:
+    """Check parameter names and types against the notebook's ``parameters`` cell.
+
+    papermill itself only warns about a parameter the notebook does not declare, and the run
+    then goes on with the default: a sweep of ``sed`` instead of ``seed`` would train every
+    run with seed 0. Here it is an error before anything runs.
+
+    Raises:
+        ConfigError: an undeclared name (with the closest declared one) or a value of another
+            type than the annotation (``seed: int`` given ``"one"``).
+    """
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    unknown = [k for k in parameters if k not in declared]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, list(declared), n=1)
+            hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(
+            f"{Path(notebook).name} has no parameter {', '.join(hints)}; "
+            f"its parameters: {', '.join(declared)}",
+            key=unknown[0],
+            source=str(notebook),
+        )
+    for k, value in parameters.items():
+        type_name = declared[k]["inferred_type_name"]
+        if not _type_ok(type_name, value):
+            raise ConfigError(
+                f"{Path(notebook).name}: parameter '{k}' is {type_name}, got {value!r}",
+                key=k,
+                source=str(notebook),
+            )
+
+
+def run_parameters(spec: SweepSpec, run: Run, extra: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The notebook parameters of one run: the spec's, then ``extra`` (the command line's)."""
+    return {
+        "config": str(run.variant.config),
+        "overrides": [*spec.overrides, *run.variant.overrides],
+        "seed": run.seed,
+        "output_dir": str(run.run_dir),
+        "epochs": spec.budget.epochs,
+        "max_steps": spec.budget.max_steps,
+        "log_every": 0,  # the config's (the notebook's default is for its own short demo)
+        "rerankers": list(spec.rerankers),
+        **spec.parameters,
+        **dict(extra),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+def read_record(run: Run) -> dict[str, Any] | None:
+    """A run's record, or None (none yet, or unreadable: the run is then done again)."""
+    try:
+        return json.loads(run.record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_error(err: BaseException) -> str:
+    """One line: the exception a notebook cell raised (papermill keeps its name and value)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        return f"{err.ename}: {err.evalue} (cell {err.exec_count})"
+    return f"{type(err).__name__}: {err}"
+
+
+def _execute(spec: SweepSpec, run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Execute the notebook for one run; the ``result.json`` it wrote."""
+    import papermill as pm
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    pm.execute_notebook(
+        str(spec.notebook),
+        str(run.notebook_path),
+        parameters=dict(params),
+        kernel_name="python3",
+        cwd=str(spec.notebook.parent),
+        progress_bar=False,
+        log_output=False,
+    )
+    result = run.run_dir / RESULT_FILE
+    if not result.is_file() or result.stat().st_mtime < started - 1:
+        raise RuntimeError(f"the notebook ran but wrote no {RESULT_FILE}")
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+def _attempt(
+    spec: SweepSpec, run: Run, params: Mapping[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Execute a run, retried ``spec.retries`` times; write and return its record."""
+    tries = 1 + spec.retries
+    head = {
+        "sweep": spec.name,
+        "variant": run.variant.name,
+        "seed": run.seed,
+        "notebook": portable_path(run.notebook_path),
+        "run_dir": portable_path(run.run_dir),
+    }
+    error = ""
+    for attempt in range(1, tries + 1):
+        t0 = time.perf_counter()
+        try:
+            result = _execute(spec, run, params)
+        except Exception as err:  # a failing run is reported, never the end of the sweep
+            error = _describe_error(err)
+            again = "; trying again" if attempt < tries else ""
+            log(f"FAILED {run.label} (attempt {attempt} of {tries}): {error}{again}")
+            continue
+        record = {**head, **result, "status": "ok", "attempts": attempt}
+        record["run_wall_s"] = time.perf_counter() - t0
+        atomic_write_text(run.record_path, json.dumps(record, indent=1) + "\n")
+        mr = ", ".join(f"{r} {m['r_mean']:.2f}" for r, m in record["test"].items())
+        log(f"ok     {run.label}: test mR {mr} ({record['run_wall_s']:.0f} s)")
+        return record
+    record = {
+        **head,
+        "status": "failed",
+        "attempts": tries,
+        "error": error,
+        "config": portable_path(run.variant.config),
+        "overrides": list(params.get("overrides", [])),
+    }
+    atomic_write_text(run.record_path, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+@dataclass
+class SweepReport:
+    """What a sweep invocation found and did; ``records[i]`` belongs to ``runs[i]`` (None: not
+    run yet)."""
+
+    spec: SweepSpec
+    runs: list[Run]
+    records: list[dict[str, Any] | None]
+    executed: int = 0
+
+    def with_status(self, status: str) -> list[Run]:
+        return [r for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == status]
+
+
+def _status(record: Mapping[str, Any] | None) -> str:
+    return "pending" if record is None else str(record.get("status", "failed"))
+
+
+def run_sweep(
+    spec: SweepSpec,
+    extra: Mapping[str, Any] = (),
+    *,
+    only: Sequence[str] = (),
+    seeds: Sequence[int] = (),
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> SweepReport:
+    """Run every (variant, seed) of ``spec`` that has no ``ok`` record; write the table.
+
+    Args:
+        extra: notebook parameters for every run, over the spec's (the command line's ``-p``).
+        only, seeds: run only these variants / seeds (empty: all); the table covers all.
+        dry_run: check everything, run nothing.
+        log: where a line per run goes (default: above the progress bar).
+
+    Raises:
+        ConfigError: a parameter the notebook does not declare or of the wrong type, or an
+            ``only``/``seeds`` entry the spec does not have; raised before anything runs.
+    """
+    from tqdm.auto import tqdm
+
+    runs = spec.runs()
+    unknown = [v for v in only if v not in {r.variant.name for r in runs}]
+    unknown += [s for s in seeds if s not in spec.seeds]
+    if unknown:
+        raise ConfigError(f"{spec.path}: no variant or seed {unknown} in this sweep")
+    params = {run: run_parameters(spec, run, extra) for run in runs}
+    for p in params.values():
+        check_parameters(spec.notebook, p)
+    records = [read_record(run) for run in runs]
+    report = SweepReport(spec, runs, records)
+    todo = [
+        i
+        for i, run in enumerate(runs)
+        if _status(records[i]) != "ok"
+        and (not only or run.variant.name in only)
+        and (not seeds or run.seed in seeds)
+    ]
+    if dry_run:
+        return report
+    bar = tqdm(
+        total=len(runs),
+        initial=len(runs) - len(todo),
+        unit="run",
+        desc=spec.name,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    log = log or bar.write
+    try:
+        for i in todo:
+            bar.set_postfix_str(runs[i].label)
+            records[i] = _attempt(spec, runs[i], params[runs[i]], log)
+            report.executed += 1
+            write_tables(report)  # after every run: an interrupted sweep keeps its table
+            bar.update(1)
+    finally:
+        bar.close()
+    write_tables(report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def _rerankers(records: Sequence[Mapping[str, Any] | None]) -> list[str]:
+    """Re-rankers in the order the records list them (the evaluator's order)."""
+    return list(dict.fromkeys(r for rec in records if rec for r in rec.get("test", {})))
+
+
+def _settings(value: Any) -> str:
+    return "no re-ranking" if value is None else json.dumps(value, sort_keys=True)
+
+
+def csv_rows(report: SweepReport) -> list[dict[str, Any]]:
+    """One row per run (pending and failed ones too): what ran, the validation score that
+    selected the checkpoint, the test metrics and chosen settings of every re-ranker, cost,
+    device and commit."""
+    rerankers = _rerankers(report.records)
+    rows = []
+    for run, rec in zip(report.runs, report.records, strict=True):
+        rec = rec or {}
+        training = rec.get("training") or {}
+        row: dict[str, Any] = {
+            "variant": run.variant.name,
+            "config": portable_path(run.variant.config),
+            "overrides": " ".join([*report.spec.overrides, *run.variant.overrides]),
+            "seed": run.seed,
+            "status": _status(rec or None),
+            "attempts": rec.get("attempts", ""),
+            "steps": training.get("steps", ""),
+            "best_val_r_mean": training.get("best_val_r_mean", ""),
+            "best_step": training.get("best_step", ""),
+        }
+        test, choices = rec.get("test", {}), rec.get("choices", {})
+        for r in rerankers:
+            row.update({f"{r}.{k}": test.get(r, {}).get(k, "") for k in KEYS})
+            row[f"{r}.settings"] = _settings(choices[r]) if r in choices else ""
+        row.update(
+            {
+                "wall_time_s": training.get("wall_time_s", ""),
+                "samples_per_s": training.get("samples_per_s", ""),
+                "device": rec.get("device", ""),
+                "commit": rec.get("git_commit", ""),
+                "train_commit": training.get("train_commit", ""),
+                "notebook": rec.get("notebook", portable_path(run.notebook_path)),
+                "error": rec.get("error", ""),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def table_markdown(report: SweepReport) -> str:
+    """Per variant: runs ok / all, mean ± std over seeds of the test mR of each re-ranker and
+    of the validation mR that selected the checkpoints."""
+    rerankers = _rerankers(report.records)
+    lines = [
+        "| variant | ok | " + " | ".join(f"test mR {r}" for r in rerankers) + " | val mR |",
+        "|---" * (3 + len(rerankers)) + "|",
+    ]
+    for v in report.spec.variants:
+        recs = [
+            rec
+            for run, rec in zip(report.runs, report.records, strict=True)
+            if run.variant == v and _status(rec) == "ok"
+        ]
+        n = sum(run.variant == v for run in report.runs)
+
+        def cell(values: list[float]) -> str:
+            return mean_sd(values) if values else "–"
+
+        cells = [
+            cell([rec["test"][r]["r_mean"] for rec in recs if r in rec["test"]]) for r in rerankers
+        ]
+        val = [rec["training"]["best_val_r_mean"] for rec in recs]
+        lines.append(f"| {v.name} | {len(recs)}/{n} | " + " | ".join(cells) + f" | {cell(val)} |")
+    return "\n".join(lines)
+
+
+def write_tables(report: SweepReport) -> None:
+    """``runs.csv`` and ``table.md`` in the sweep's results folder (atomically)."""
+    rows = csv_rows(report)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(report.spec.results / "runs.csv", buf.getvalue())
+    atomic_write_text(report.spec.results / "table.md", table_markdown(report) + "\n")
+
+
+def summary_text(report: SweepReport) -> str:
+    """What the command prints at the end: counts, the table, every failure, where files are."""
+    counts = {s: len(report.with_status(s)) for s in ("ok", "failed", "pending")}
+    lines = [
+        f"sweep {report.spec.name}: {len(report.runs)} runs, {counts['ok']} ok, "
+        f"{counts['failed']} failed, {counts['pending']} not run; {report.executed} executed now",
+        table_markdown(report),
+    ]
+    for run, rec in zip(report.runs, report.records, strict=True):
+        if _status(rec) == "failed":
+            lines.append(
+                f"FAILED {run.label} after {rec.get('attempts')} attempt(s): {rec.get('error')}"
+                f"\n       see {rec.get('notebook')}"
+            )
+    lines.append(f"records and runs.csv: {portable_path(report.spec.results)}")
+    return "\n".join(lines)
+
+
+def plan_text(report: SweepReport) -> str:
+    """``--dry-run``: every run with its state."""
+    lines = [f"sweep {report.spec.name} ({report.spec.path}): {len(report.runs)} runs"]
+    for run, rec in zip(report.runs, report.records, strict=True):
+        status = _status(rec)
+        if status == "pending" and (run.run_dir / "last").is_dir():
+            status = "interrupted (resumes from its checkpoint)"
+        overrides = " ".join([*report.spec.overrides, *run.variant.overrides]) or "-"
+        lines.append(
+            f"  {run.label:<28} {status:<10} {portable_path(run.variant.config)} {overrides}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep command's arguments (shared by ``cmpagl sweep`` and ``python -m``)."""
+    p.add_argument("spec", nargs="+", help="sweep spec YAML file(s) (experiments/sweeps/*.yaml)")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a notebook parameter for every run, VALUE read as YAML (repeatable)",
+    )
+    p.add_argument("--only", action="append", default=[], metavar="VARIANT", help="run only this")
+    p.add_argument("--seeds", type=int, nargs="+", default=[], help="run only these seeds")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load every spec (all checked before anything runs), run them; 1 if any run failed."""
+    extra = {name: _yaml_load(value) for name, value in args.parameter}
+    specs = [load_spec(path) for path in args.spec]
+    status = 0
+    for spec in specs:
+        report = run_sweep(spec, extra, only=args.only, seeds=args.seeds, dry_run=args.dry_run)
+        if args.dry_run:
+            print(plan_text(report))
+            continue
+        print(summary_text(report), flush=True)
+        status |= bool(report.with_status("failed"))
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m cmpagl.experiments", description=__doc__.split("\n\n")[0]
+    )
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except ConfigError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
