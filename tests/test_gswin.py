@@ -10,6 +10,7 @@ import time
 import pytest
 import timm
 import torch
+from hub_cache import write_hub_cache  # tests/ is on sys.path under pytest
 from timm.models.swin_transformer import SwinTransformer
 
 from cmpagl.config import GswinConfig, load_config
@@ -475,21 +476,10 @@ def test_attention_maps_shapes_rows_and_same_forward(global_mode):
 
 def test_offline_fetch_loads_weights_from_the_local_hub_cache(monkeypatch, tmp_path):
     """The offline path finds timm's Hugging Face file in the cache (faked here) and loads it."""
-    import huggingface_hub.constants
-    from safetensors.torch import save_file
-
     name, repo = "swin_tiny_patch4_window7_224", "timm/swin_tiny_patch4_window7_224.ms_in1k"
     cfg = gswin_config("swin_t")  # the shape of the named timm model
     ref = timm_swin(cfg, seed=3)
-    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
-    save_file(
-        {k: v.contiguous() for k, v in ref.state_dict().items()}, snapshot / "model.safetensors"
-    )
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    write_hub_cache(tmp_path, monkeypatch, repo, ref.state_dict())
     model = GswinTransformer(cfg)
     report = load_pretrained_swin(model, name)
     assert report.source == name and len(report.copied) == len(ref.state_dict()) - 2

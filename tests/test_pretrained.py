@@ -10,8 +10,8 @@ import dataclasses
 import huggingface_hub.constants
 import pytest
 import torch
+from hub_cache import write_hub_cache  # tests/ is on sys.path under pytest
 from safetensors import safe_open
-from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformer
 
 from cmpagl.checkpoint import load_checkpoint, save_checkpoint
@@ -133,15 +133,7 @@ def test_cached_swin_weights_reach_the_online_and_momentum_encoders(monkeypatch,
         num_heads=swin.num_heads,
         window_size=swin.window_size,
     )
-    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
-    save_file(
-        {k: v.contiguous() for k, v in ref.state_dict().items()}, snapshot / "model.safetensors"
-    )
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    write_hub_cache(tmp_path, monkeypatch, repo, ref.state_dict())
 
     cfg = ModelConfig(gswin=swin, queue_size=16)
     model = build_model(cfg)
