@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: book test setup data notebooks lab lint clean
+.PHONY: book test setup data notebooks lab lint clean ablations
 .DELETE_ON_ERROR:
 
 ## book: set up, generate the default data, execute every notebook, build the HTML book (-W)
@@ -49,6 +49,11 @@ executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cm
 
 # The seeds tables are read from results/ (written by experiments/seeds_table.py), not recomputed.
 executed/04_seed_tables.ipynb: $(wildcard results/*/summary.json)
+
+## ablations: run every committed sweep spec (experiments/sweeps/*.yaml); hours on 2 CPU cores.
+## Resumable: run it again after an interruption. Records go to results/<sweep>/, runs to runs/.
+ablations: data
+	$(VENV)/bin/cmpagl sweep experiments/sweeps/*.yaml
 
 ## lab: open the notebooks in JupyterLab
 lab: setup

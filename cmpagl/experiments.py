@@ -441,8 +441,7 @@ def run_sweep(
     if unknown:
         raise ConfigError(f"{spec.path}: no variant or seed {unknown} in this sweep")
     params = {run: run_parameters(spec, run, extra) for run in runs}
-    for p in params.values():
-        check_parameters(spec.notebook, p)
+    check_parameters(spec.notebook, params[runs[0]])  # every run has the same names and types
     records = [read_record(run) for run in runs]
     report = SweepReport(spec, runs, records)
     todo = [

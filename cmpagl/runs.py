@@ -78,6 +78,16 @@ SAME_RUN_IGNORES: tuple[str, ...] = (
 RunState = Literal["fresh", "resume", "finished"]
 
 
+@contextlib.contextmanager
+def _quiet_imports() -> Iterator[None]:
+    """Import the model stack without tqdm.auto's "IProgress not found" warning, which a kernel
+    without ipywidgets gets once (huggingface_hub imports tqdm.auto): nothing here draws a
+    progress bar in a notebook, and a page shows results, not warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        yield
+
+
 # ----------------------------------------------------------------------------------------------
 # Paths
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +214,6 @@ def plan_run(
         CheckpointError: the folder holds checkpoint folders but none is complete.
         ValueError: a negative budget, or an unknown re-ranker.
     """
-    from cmpagl.checkpoint import read_meta, saved_checkpoints
-
     if epochs < 0 or max_steps < 0:
         raise ValueError(f"the budget must be >= 0 (0: the config's), got {epochs=}, {max_steps=}")
     if isinstance(overrides, str):  # a single string would be read character by character
@@ -226,24 +234,30 @@ def plan_run(
     cfg.data.root = str(resolve_path(cfg.data.root))
     plan = RunPlan(config_path, list(overrides), seed, epochs, max_steps, cfg, out, "fresh")
     plan.rerankers = _check_rerankers(rerankers) if rerankers else default_rerankers(cfg)
-    if not saved_checkpoints(out):
-        return plan
-    plan.checkpoint = _resume_checkpoint(out)
-    meta = read_meta(plan.checkpoint)
-    diff = training_differences(meta.get("config", {}), to_dict(cfg))
+    _inspect_folder(plan)
+    return plan
+
+
+def _inspect_folder(plan: RunPlan) -> None:
+    """Set ``plan.state``, ``checkpoint`` and ``checkpoint_step`` from the run folder."""
+    from cmpagl.checkpoint import read_meta, saved_checkpoints
+
+    plan.state, plan.checkpoint, plan.checkpoint_step = "fresh", None, None
+    if not saved_checkpoints(plan.output_dir):
+        return
+    checkpoint = _resume_checkpoint(plan.output_dir)
+    meta = read_meta(checkpoint)
+    diff = training_differences(meta.get("config", {}), to_dict(plan.cfg))
     if diff:
         raise ConfigError(
-            f"{out} holds a run of another config ({'; '.join(diff)}): give another "
-            "output_dir, or delete that folder to start over",
+            f"{plan.output_dir} holds a run of another config ({'; '.join(diff)}): give "
+            "another output_dir, or delete that folder to start over",
             key="output_dir",
         )
-    plan.checkpoint_step = int(meta["step"])
-    tc = cfg.train
-    done = int(meta["epoch"]) >= tc.epochs or (
-        tc.max_steps > 0 and plan.checkpoint_step >= tc.max_steps
-    )
+    step, tc = int(meta["step"]), plan.cfg.train
+    done = int(meta["epoch"]) >= tc.epochs or (tc.max_steps > 0 and step >= tc.max_steps)
     plan.state = "finished" if done else "resume"
-    return plan
+    plan.checkpoint, plan.checkpoint_step = checkpoint, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,18 +335,16 @@ def train_or_resume(plan: RunPlan) -> TrainingSummary:
     The synthetic dataset is generated first if the config names it and it is missing
     (:func:`cmpagl.data.build.prepare_synthetic_dataset`).
     """
-    from tqdm import TqdmWarning
-
     from cmpagl.checkpoint import find_checkpoint, read_meta
     from cmpagl.data.build import prepare_synthetic_dataset
     from cmpagl.runlog import LOG_FILE, read_log
 
-    with warnings.catch_warnings():  # tqdm.auto's "IProgress not found" in a bare kernel: the
-        warnings.simplefilter("ignore", TqdmWarning)  # engine shows no bar there anyway
+    with _quiet_imports():
         from cmpagl.train import train
 
     result = None
     with _folder_lock(plan.output_dir):
+        _inspect_folder(plan)  # again: another process may have trained here since plan_run
         if plan.state != "finished":
             prepare_synthetic_dataset(plan.cfg.data)
             resume = plan.checkpoint if plan.state == "resume" else None
@@ -376,13 +388,15 @@ def _device(cfg: ExperimentConfig):
 def default_rerankers(cfg: ExperimentConfig) -> list[str]:
     """Every re-ranker; the ITM ones only for a model trained with ITM (an untrained ITM head
     would only add noise)."""
-    from cmpagl.evaluate import DEFAULT_RERANKERS
+    with _quiet_imports():
+        from cmpagl.evaluate import DEFAULT_RERANKERS
 
     return [r for r in DEFAULT_RERANKERS if cfg.loss.w_itm > 0 or "itm" not in r]
 
 
 def _check_rerankers(names: Sequence[str]) -> list[str]:
-    from cmpagl.evaluate import RERANKERS
+    with _quiet_imports():
+        from cmpagl.evaluate import RERANKERS
 
     if isinstance(names, str):
         names = [names]
@@ -419,7 +433,9 @@ def evaluate_best(plan: RunPlan, split: str = "test") -> tuple[dict[str, Any], b
         ``(result dict, whether it was read from an earlier evaluation)``.
     """
     from cmpagl.checkpoint import find_checkpoint, load_checkpoint
-    from cmpagl.evaluate import evaluate_model
+
+    with _quiet_imports():
+        from cmpagl.evaluate import evaluate_model
 
     names = plan.rerankers or default_rerankers(plan.cfg)
     best = find_checkpoint(plan.output_dir, prefer="best")

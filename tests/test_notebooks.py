@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train_notebook import small_parameters
 
 # Small parameters per notebook, so the suite stays fast on 2 CPU cores.
 SMALL = {
@@ -36,6 +37,7 @@ SMALL = {
     },
     # reads the committed results/ (no training), so the defaults are already small
     "04_seed_tables.ipynb": lambda tmp, synthetic: {},
+    "05_train.ipynb": lambda tmp, synthetic: small_parameters(tmp, synthetic),
 }
 
 

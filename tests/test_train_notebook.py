@@ -34,6 +34,8 @@ def tiny_overrides(synthetic: Path) -> list[str]:
         "train.batch_size=8",
         "train.warmup_steps=2",
         "train.device=cpu",
+        # one thread: two threads busy-wait on each other when other processes share the cores
+        "train.num_threads=1",
         "retrieval.itm_grid_k=[2,4]",
         "retrieval.smr_grid_tau=[0.05]",
         "retrieval.smr_grid_k=[5]",
@@ -120,8 +122,11 @@ def test_training_notebook_writes_its_record_then_reads_it_back(
     assert record["training"]["action"] == "trained"
     assert record["training"]["steps"] == 3 and record["budget"]["max_steps"] == 3
     # the checkpoint was selected by the best validation in the log, and the record says so
-    val = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
-           if r["kind"] == "val"]
+    val = [
+        r
+        for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+        if r["kind"] == "val"
+    ]
     assert record["training"]["best_val_r_mean"] == max(r["r_mean"] for r in val)
     assert list(record["test"]) == ["none", "itm", "smr"]
     for metrics in record["test"].values():
@@ -166,9 +171,7 @@ def test_plan_run_rejects_an_unknown_reranker_before_training(tmp_path, small_sy
     assert not (tmp_path / "r").exists()
 
 
-def test_plan_run_reads_relative_paths_from_the_repository_root(
-    repo_root, tmp_path, monkeypatch
-):
+def test_plan_run_reads_relative_paths_from_the_repository_root(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the kernel's folder must not matter
     plan = plan_run("configs/synthetic_tiny.yaml", seed=2, max_steps=30)
     assert plan.config_path == repo_root / "configs" / "synthetic_tiny.yaml"
