@@ -4,6 +4,7 @@ a real key of the config dataclasses, and every ``cmpagl.…`` object it names c
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import re
 
@@ -18,19 +19,20 @@ SECTIONS = {
 
 def decision_rows(repo_root) -> list[list[str]]:
     text = (repo_root / "book" / "decisions.md").read_text(encoding="utf-8")
-    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+[a-z]? \|", line)]
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
 
 
 def resolve_key(key: str) -> None:
-    """Walk ``a.b.c`` through ExperimentConfig; ``data.aug_*`` matches at least one field."""
+    """Walk ``a.b.c`` through ExperimentConfig; a pattern (``data.aug_*``,
+    ``retrieval.*_grid_*``) matches at least one field."""
     node: object = ExperimentConfig()
     *path, last = key.split(".")
     for part in path:
         node = getattr(node, part)
     names = {f.name for f in dataclasses.fields(node)}
-    if last.endswith("*"):
-        assert any(n.startswith(last[:-1]) for n in names), key
+    if "*" in last:
+        assert fnmatch.filter(names, last), key
     else:
         assert last in names, f"{key} is not a config key"
 
