@@ -8,9 +8,10 @@ where the time goes (``torch.profiler``), optionally side by side with another c
 
 A step is what the engine does per batch (:mod:`cmpagl.train`): every loss of the config,
 backward, gradient clipping, AdamW with the engine's parameter groups and the momentum update,
-on a fixed batch of real captions and random images (data loading is measured separately by
-``--loader``). FLOPs of forward + backward come from ``torch.utils.flop_counter``; the machine's
-matmul peak is a 1024 x 1024 float32 matmul timed in the same process.
+under the engine's deterministic-kernel setting (``train.deterministic``), on a fixed batch of
+real captions and random images (data loading is not timed, as in the engine's own samples/s).
+FLOPs of forward + backward come from ``torch.utils.flop_counter``; the machine's matmul peak
+is a 1024 x 1024 float32 matmul timed in the same process.
 
 ``--baseline REF`` checks REF out into a temporary git worktree and runs this same script there
 (the library of REF, this file's measuring code), alternating baseline and current ``--rounds``
@@ -106,8 +107,22 @@ def _flops(model, optimizer, images, captions, ids, cfg, generator) -> float:
 
 
 def measure(config: str, overrides: list[str], batch: int, steps: int, profile: int) -> dict:
-    """Time ``steps`` steps after 2 warm-up steps; GFLOP per step; optional profiler table."""
+    """Time ``steps`` steps after 2 warm-up steps; GFLOP per step; optional profiler table.
+
+    The steps run under the engine's ``train.deterministic`` setting, as in training."""
+    from cmpagl.train import _deterministic
+
     cfg, model, optimizer, images, captions, ids = _build(config, overrides, batch)
+    with _deterministic(cfg.train.deterministic, torch.device("cpu")):
+        return _measure(cfg, model, optimizer, images, captions, ids, steps, profile) | {
+            "config": config,
+            "overrides": overrides,
+            "deterministic": cfg.train.deterministic,
+        }
+
+
+def _measure(cfg, model, optimizer, images, captions, ids, steps: int, profile: int) -> dict:
+    batch = images.shape[0]
     generator = torch.Generator().manual_seed(0)
     args = (model, optimizer, images, captions, ids, cfg, generator)
     for _ in range(2):
@@ -121,8 +136,6 @@ def measure(config: str, overrides: list[str], batch: int, steps: int, profile: 
     peak = _matmul_gflops()
     median = statistics.median(times)
     out = {
-        "config": config,
-        "overrides": overrides,
         "batch": batch,
         "steps": steps,
         "median_step_s": median,

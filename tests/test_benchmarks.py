@@ -39,3 +39,30 @@ def test_train_throughput_writes_its_record(tiny_data, tmp_path):  # noqa: F811
     assert timed_s >= 2 * row["median_step_ms"] / 1000 * (1 - 1e-9)
     assert row["trainable_params_m"] > 0 and row["hardware"]["device"] == "cpu"
     assert not (tmp_path / "not_written").exists()  # it trained in a temporary folder
+
+
+STEP = SCRIPT.with_name("train_step.py")
+
+
+def test_train_step_benchmark_times_flops_and_profile(tiny_data, tmp_path):  # noqa: F811
+    """benchmarks/train_step.py: median step, samples/s = batch / median, GFLOP from the
+    flop counter, a fraction of the matmul peak consistent with those, a profiler table."""
+    config = save_config(tiny_config(tiny_data, tmp_path / "unused"), tmp_path / "tiny.yaml")
+    out = tmp_path / "step.json"
+    args = ["--config", str(config), "--batch", "4", "--steps", "2", "--profile", "5"]
+    proc = subprocess.run(
+        [sys.executable, str(STEP), *args, "--out", str(out)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["batch"] == 4 and len(row["step_times_s"]) == 2
+    assert row["samples_per_s"] == 4 / row["median_step_s"]
+    assert row["gflop_per_step"] > 0 and row["matmul_peak_gflops"] > 0
+    achieved = row["gflop_per_step"] / row["median_step_s"]
+    assert abs(row["fraction_of_matmul_peak"] - achieved / row["matmul_peak_gflops"]) < 1e-9
+    assert "Self CPU" in row["profile"] and row["deterministic"] == "cpu"
+    assert "samples/s" in proc.stdout
