@@ -16,19 +16,24 @@ from cmpagl.config import save_config
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
+def run_script(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """A benchmark script in its own process, offline, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_train_throughput_writes_its_record(tiny_data, tmp_path):  # noqa: F811
     # 24 images / batch 8: 3 steps an epoch, so 5 steps cross an epoch end and its validation
     cfg = tiny_config(tiny_data, tmp_path / "not_written", epochs=3)
     config = save_config(cfg, tmp_path / "tiny.yaml")
     out = tmp_path / "row.json"
     args = ["--config", str(config), "--steps", "5", "--skip", "1", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(SCRIPT, args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())
     assert (row["steps"], row["timed_steps"], row["batch_size"], row["world_size"]) == (5, 3, 8, 1)
@@ -50,13 +55,7 @@ def test_train_step_benchmark_times_flops_and_profile(tiny_data, tmp_path):  # n
     config = save_config(tiny_config(tiny_data, tmp_path / "unused"), tmp_path / "tiny.yaml")
     out = tmp_path / "step.json"
     args = ["--config", str(config), "--batch", "4", "--steps", "2", "--profile", "5"]
-    proc = subprocess.run(
-        [sys.executable, str(STEP), *args, "--out", str(out)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(STEP, [*args, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())
     assert row["batch"] == 4 and len(row["step_times_s"]) == 2
