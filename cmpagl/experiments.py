@@ -95,6 +95,7 @@ class _SpecFields:
     seeds: tuple[int, ...] = (0,)
     budget: Budget = field(default_factory=Budget)
     rerankers: tuple[str, ...] = ()
+    split: str = "test"
     out: str = ""
     results: str = "results"
     retries: int = 1
@@ -102,11 +103,18 @@ class _SpecFields:
 
 @dataclass(frozen=True)
 class Variant:
-    """A named variant: its base config and its overrides (after the spec's own)."""
+    """A named variant: its base config and its overrides (after the spec's own).
+
+    ``group`` names the system a tuning sweep's trial belongs to (default: the variant's name);
+    ``tuned`` the tuning group whose best trial on validation supplies overrides that go before
+    the variant's own (see :func:`resolve_tuning`).
+    """
 
     name: str
     config: Path
     overrides: tuple[str, ...]
+    group: str = ""
+    tuned: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class SweepSpec:
     results: Path
     parameters: dict[str, Any]
     retries: int
+    split: str = "test"
 
     def runs(self) -> list[Run]:
         """Every (variant, seed), seed by seed: a sweep stopped half-way has whole seeds of
@@ -161,6 +170,9 @@ def _spec_error(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}", key=key, source=str(path))
 
 
+_VARIANT_KEYS = ("config", "overrides", "group", "tuned")
+
+
 def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
     """``variants:`` -> Variants; each a list of overrides or ``{config, overrides}``."""
     if not isinstance(raw, Mapping) or not raw:
@@ -171,19 +183,23 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise _spec_error(path, key, "a name of letters, digits and _ . + - (a folder name)")
         config, overrides = base, value if value is not None else []
+        group, tuned = name, ""
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"config", "overrides"})
+            unknown = sorted(set(value) - set(_VARIANT_KEYS))
             if unknown:
-                raise _spec_error(path, key, f"unknown key(s) {unknown}; known: config, overrides")
+                raise _spec_error(
+                    path, key, f"unknown key(s) {unknown}; known: {', '.join(_VARIANT_KEYS)}"
+                )
             config = resolve_path(value.get("config") or base)
             overrides = value.get("overrides") or []
+            group, tuned = str(value.get("group") or name), str(value.get("tuned") or "")
         if not isinstance(overrides, list) or not all(
             isinstance(o, str) and "=" in o for o in overrides
         ):
             raise _spec_error(path, key, f"expected a list of key=value strings, got {value!r}")
         if not config.is_file():
             raise _spec_error(path, key, f"config file {config} not found")
-        out.append(Variant(name, config, tuple(overrides)))
+        out.append(Variant(name, config, tuple(overrides), group, tuned))
     return tuple(out)
 
 
@@ -219,6 +235,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         unknown = [r for r in fields.rerankers if r not in RERANKERS]
         if unknown:
             raise _spec_error(path, "rerankers", f"unknown {unknown}; known: {list(RERANKERS)}")
+    if fields.split not in ("test", "val"):
+        raise _spec_error(path, "split", f"'test', or 'val' for a tuning sweep; got {fields.split!r}")
     if not isinstance(parameters, Mapping):
         raise _spec_error(path, "parameters", "expected a mapping of notebook parameters")
     return SweepSpec(
@@ -234,6 +252,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         results=resolve_path(fields.results) / name,
         parameters=dict(parameters),
         retries=fields.retries,
+        split=fields.split,
     )
 
 
@@ -308,6 +327,7 @@ def run_parameters(spec: SweepSpec, run: Run, extra: Mapping[str, Any] = ()) -> 
         "max_steps": spec.budget.max_steps,
         "log_every": 0,  # the config's (the notebook's default is for its own short demo)
         "rerankers": list(spec.rerankers),
+        "split": spec.split,
         **spec.parameters,
         **dict(extra),
     }
@@ -379,8 +399,8 @@ def _attempt(
         record = {**head, **result, "status": "ok", "attempts": attempt}
         record["run_wall_s"] = time.perf_counter() - t0
         atomic_write_text(run.record_path, json.dumps(record, indent=1) + "\n")
-        mr = ", ".join(f"{r} {m['r_mean']:.2f}" for r, m in record["test"].items())
-        log(f"ok     {run.label}: test mR {mr} ({record['run_wall_s']:.0f} s)")
+        mr = ", ".join(f"{r} {m['r_mean']:.2f}" for r, m in _metrics(record).items())
+        log(f"ok     {run.label}: {spec.split} mR {mr} ({record['run_wall_s']:.0f} s)")
         return record
     record = {
         **head,
@@ -478,9 +498,15 @@ def run_sweep(
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
+def _metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's metrics per re-ranker on the split it was evaluated on (test, or val when
+    tuning)."""
+    return record.get(record.get("split", "test"), {})
+
+
 def _rerankers(records: Sequence[Mapping[str, Any] | None]) -> list[str]:
     """Re-rankers in the order the records list them (the evaluator's order)."""
-    return list(dict.fromkeys(r for rec in records if rec for r in rec.get("test", {})))
+    return list(dict.fromkeys(r for rec in records if rec for r in _metrics(rec)))
 
 
 def _settings(value: Any) -> str:
@@ -506,8 +532,9 @@ def csv_rows(report: SweepReport) -> list[dict[str, Any]]:
             "steps": training.get("steps", ""),
             "best_val_r_mean": training.get("best_val_r_mean", ""),
             "best_step": training.get("best_step", ""),
+            "split": report.spec.split,  # the split of the metric columns below
         }
-        test, choices = rec.get("test", {}), rec.get("choices", {})
+        test, choices = _metrics(rec), rec.get("choices", {})
         for r in rerankers:
             row.update({f"{r}.{k}": test.get(r, {}).get(k, "") for k in KEYS})
             row[f"{r}.settings"] = _settings(choices[r]) if r in choices else ""
@@ -527,11 +554,14 @@ def csv_rows(report: SweepReport) -> list[dict[str, Any]]:
 
 
 def table_markdown(report: SweepReport) -> str:
-    """Per variant: runs ok / all, mean ± std over seeds of the test mR of each re-ranker and
-    of the validation mR that selected the checkpoints."""
+    """Per variant: runs ok / all, mean ± std over seeds of the test mR (a tuning sweep: the
+    val mR) of each re-ranker and of the validation mR that selected the checkpoints."""
     rerankers = _rerankers(report.records)
+    split = report.spec.split
     lines = [
-        "| variant | ok | " + " | ".join(f"test mR {r}" for r in rerankers) + " | val mR |",
+        "| variant | ok | "
+        + " | ".join(f"{split} mR {r}" for r in rerankers)
+        + " | val mR (selection) |",
         "|---" * (3 + len(rerankers)) + "|",
     ]
     for v in report.spec.variants:
@@ -546,7 +576,8 @@ def table_markdown(report: SweepReport) -> str:
             return mean_sd(values) if values else "–"
 
         cells = [
-            cell([rec["test"][r]["r_mean"] for rec in recs if r in rec["test"]]) for r in rerankers
+            cell([_metrics(rec)[r]["r_mean"] for rec in recs if r in _metrics(rec)])
+            for r in rerankers
         ]
         val = [rec["training"]["best_val_r_mean"] for rec in recs]
         lines.append(f"| {v.name} | {len(recs)}/{n} | " + " | ".join(cells) + f" | {cell(val)} |")

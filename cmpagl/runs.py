@@ -424,6 +424,8 @@ def _reusable(path: Path, best: Path, names: Sequence[str], cfg: ExperimentConfi
 def evaluate_best(plan: RunPlan, split: str = "test") -> tuple[dict[str, Any], bool]:
     """Evaluate ``best/`` (chosen on validation) on ``split`` with ``plan.rerankers``.
 
+    ``split="val"`` is for tuning runs: the test split is then not read at all.
+
     Every re-ranker's settings are chosen on the validation split by
     :func:`cmpagl.evaluate.evaluate_model`, which writes ``results_<split>.json`` and
     ``scores_<split>.pt`` into the run folder. If a result file written after ``best/`` with
@@ -437,6 +439,8 @@ def evaluate_best(plan: RunPlan, split: str = "test") -> tuple[dict[str, Any], b
     with _quiet_imports():
         from cmpagl.evaluate import evaluate_model
 
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val' (tuning), got {split!r}")
     names = plan.rerankers or default_rerankers(plan.cfg)
     best = find_checkpoint(plan.output_dir, prefer="best")
     earlier = _reusable(plan.output_dir / f"results_{split}.json", best, names, plan.cfg)
@@ -460,9 +464,11 @@ def result_record(
     plan: RunPlan, training: TrainingSummary, evaluation: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The run's small record: what ran (config, overrides, seed, budget), the validation that
-    selected the checkpoint, the test metrics per re-ranker, each re-ranker's chosen settings,
+    selected the checkpoint, the metrics per re-ranker under the evaluated split's name
+    (``"test"``, or ``"val"`` for a tuning run), each re-ranker's chosen settings,
     time, throughput, device and commits. Paths inside the repository are relative to it."""
     names = list(evaluation.get("rerankers") or evaluation["metrics"])
+    split = evaluation.get("split", "test")
     tuning = evaluation.get("tuning") or {}
     hardware = evaluation.get("hardware") or {}
     resolved = to_dict(plan.cfg)
@@ -476,9 +482,9 @@ def result_record(
         "budget": {"epochs": plan.epochs, "max_steps": plan.max_steps},
         "output_dir": portable_path(plan.output_dir),
         "training": asdict(training),
-        "split": evaluation.get("split", "test"),
+        "split": split,
         "rerankers": names,
-        "test": {r: dict(evaluation["metrics"][r]) for r in names},
+        split: {r: dict(evaluation["metrics"][r]) for r in names},
         # each re-ranker's settings as the result file holds them (None: no re-ranking won)
         "choices": {r: t.get("params") for r, t in tuning.items()},
         "smr": evaluation.get("smr"),
