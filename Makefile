@@ -50,10 +50,14 @@ executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cm
 # The seeds tables are read from results/ (written by experiments/seeds_table.py), not recomputed.
 executed/04_seed_tables.ipynb: $(wildcard results/*/summary.json)
 
+# In this order: the UCM study takes each system's settings from the tuning sweep's records.
+SWEEPS := experiments/sweeps/ucm_tuning.yaml experiments/sweeps/ucm_ablations.yaml \
+	experiments/sweeps/synthetic_arch.yaml
+
 ## ablations: run every committed sweep spec (experiments/sweeps/*.yaml); hours on 2 CPU cores.
 ## Resumable: run it again after an interruption. Records go to results/<sweep>/, runs to runs/.
 ablations: data
-	$(VENV)/bin/cmpagl sweep experiments/sweeps/*.yaml
+	$(VENV)/bin/cmpagl sweep $(SWEEPS)
 
 ## lab: open the notebooks in JupyterLab
 lab: setup

@@ -14,6 +14,8 @@ A spec (relative paths are read from the repository root)::
     seeds: [0, 1, 2]
     budget: {epochs: 10}                # and/or max_steps; absent or 0: the config's
     rerankers: []                       # empty: all (the ITM ones only where ITM was trained)
+    split: test                         # or val: a tuning sweep, which never reads the test split
+    tuned_by: experiments/sweeps/ucm_tuning.yaml   # where `tuned` variants take their settings
     out: runs/sweeps/ucm_ablations      # default runs/sweeps/<name>
     results: results                    # records go to <results>/<name>/
     notebook: notebooks/05_train.ipynb
@@ -23,6 +25,15 @@ A spec (relative paths are read from the repository root)::
       cmpagl: []                        # a list of overrides
       no_global: [model.gswin.global_mode=off]
       baseline: {config: configs/ucm_cpu_baseline.yaml}   # another base config
+      tuned_cmpagl: {tuned: cmpagl, overrides: [loss.w_tri=0]}  # the best trial's settings first
+      longer: {budget: {epochs: 20}}    # its own budget
+
+Tuning: in a ``split: val`` sweep each variant belongs to a ``group`` (default: its name), one
+system's trials. Another sweep's variant with ``tuned: <group>`` trains with that group's best
+trial on validation (mean over seeds, the earliest listed on a tie): the trial's overrides go
+before the variant's own. The tuning sweep must be finished first; the choice is written under
+the table. A record made with other overrides than the run now has (the tuning chose again) is
+not reused: that run is done again.
 
 Each (variant, seed) runs in ``<out>/<variant>/seed<k>/``: its checkpoints, log, evaluation and
 the executed notebook, the run's browsable report. Only small files go to
@@ -47,7 +58,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +87,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a folder name on every s
 # ----------------------------------------------------------------------------------------------
 # The spec
 # ----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     """Training budget of every run; 0 keeps the config's value."""
 
@@ -96,6 +107,7 @@ class _SpecFields:
     budget: Budget = field(default_factory=Budget)
     rerankers: tuple[str, ...] = ()
     split: str = "test"
+    tuned_by: str = ""
     out: str = ""
     results: str = "results"
     retries: int = 1
@@ -115,6 +127,7 @@ class Variant:
     overrides: tuple[str, ...]
     group: str = ""
     tuned: str = ""
+    budget: Budget | None = None  # None: the spec's
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ class SweepSpec:
     parameters: dict[str, Any]
     retries: int
     split: str = "test"
+    tuned_by: Path | None = None
 
     def runs(self) -> list[Run]:
         """Every (variant, seed), seed by seed: a sweep stopped half-way has whole seeds of
@@ -170,7 +184,7 @@ def _spec_error(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}", key=key, source=str(path))
 
 
-_VARIANT_KEYS = ("config", "overrides", "group", "tuned")
+_VARIANT_KEYS = ("config", "overrides", "group", "tuned", "budget")
 
 
 def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
@@ -183,7 +197,7 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise _spec_error(path, key, "a name of letters, digits and _ . + - (a folder name)")
         config, overrides = base, value if value is not None else []
-        group, tuned = name, ""
+        group, tuned, budget = name, "", None
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(_VARIANT_KEYS))
             if unknown:
@@ -193,13 +207,17 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
             config = resolve_path(value.get("config") or base)
             overrides = value.get("overrides") or []
             group, tuned = str(value.get("group") or name), str(value.get("tuned") or "")
+            if value.get("budget") is not None:
+                budget = from_dict(Budget, value["budget"], f"{path}: {key}.budget")
+                if min(budget.epochs, budget.max_steps) < 0:
+                    raise _spec_error(path, f"{key}.budget", "epochs and max_steps must be >= 0")
         if not isinstance(overrides, list) or not all(
             isinstance(o, str) and "=" in o for o in overrides
         ):
             raise _spec_error(path, key, f"expected a list of key=value strings, got {value!r}")
         if not config.is_file():
             raise _spec_error(path, key, f"config file {config} not found")
-        out.append(Variant(name, config, tuple(overrides), group, tuned))
+        out.append(Variant(name, config, tuple(overrides), group, tuned, budget))
     return tuple(out)
 
 
@@ -222,6 +240,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     name = fields.name or path.stem
     if not _NAME.match(name):
         raise _spec_error(path, "name", f"{name!r} is not a folder name")
+    variants = _read_variants(path, raw_variants, base)
     notebook = resolve_path(fields.notebook)
     if not notebook.is_file():
         raise _spec_error(path, "notebook", f"{notebook} not found")
@@ -236,14 +255,24 @@ def load_spec(path: str | Path) -> SweepSpec:
         if unknown:
             raise _spec_error(path, "rerankers", f"unknown {unknown}; known: {list(RERANKERS)}")
     if fields.split not in ("test", "val"):
-        raise _spec_error(path, "split", f"'test', or 'val' for a tuning sweep; got {fields.split!r}")
+        raise _spec_error(
+            path, "split", f"'test', or 'val' for a tuning sweep; got {fields.split!r}"
+        )
+    tuned = sorted({v.tuned for v in variants if v.tuned})
+    if tuned and not fields.tuned_by:
+        raise _spec_error(
+            path, "tuned_by", f"variants take tuned settings of {tuned}: name the tuning sweep"
+        )
+    tuned_by = resolve_path(fields.tuned_by) if fields.tuned_by else None
+    if tuned_by is not None and not tuned_by.is_file():
+        raise _spec_error(path, "tuned_by", f"tuning sweep {tuned_by} not found")
     if not isinstance(parameters, Mapping):
         raise _spec_error(path, "parameters", "expected a mapping of notebook parameters")
     return SweepSpec(
         name=name,
         path=path,
         notebook=notebook,
-        variants=_read_variants(path, raw_variants, base),
+        variants=variants,
         seeds=fields.seeds,
         budget=fields.budget,
         overrides=fields.overrides,
@@ -253,7 +282,98 @@ def load_spec(path: str | Path) -> SweepSpec:
         parameters=dict(parameters),
         retries=fields.retries,
         split=fields.split,
+        tuned_by=tuned_by,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning: a sweep on the validation split chooses each system's settings for another sweep
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TuningChoice:
+    """A tuning group's best trial: the variant with the highest mean validation mR over its
+    seeds (the earliest listed on a tie), its own overrides, and how many trials competed."""
+
+    group: str
+    variant: str
+    config: Path
+    overrides: tuple[str, ...]
+    val_r_mean: float
+    trials: int
+
+    def describe(self) -> str:
+        settings = " ".join(self.overrides) or "the config's own settings"
+        return (
+            f"{self.group}: {self.variant} ({settings}), val mR {self.val_r_mean:.2f}, "
+            f"best of {self.trials} trials"
+        )
+
+
+def tuning_choices(tuning: SweepSpec) -> dict[str, TuningChoice]:
+    """Each group's best trial in a finished tuning sweep (``split: val``), read from its records.
+
+    Raises:
+        ConfigError: the sweep evaluates the test split (tuning must not read it), or not every
+            run has an ``ok`` record (with the command that finishes it).
+    """
+    if tuning.split != "val":
+        raise ConfigError(
+            f"{tuning.path}: a tuning sweep must have split: val (never the test split)"
+        )
+    runs = tuning.runs()
+    records = [read_record(run) for run in runs]
+    missing = [run.label for run, rec in zip(runs, records, strict=True) if _status(rec) != "ok"]
+    if missing:
+        raise ConfigError(
+            f"the tuning sweep {tuning.name} is not finished ({len(runs) - len(missing)} of "
+            f"{len(runs)} runs ok; not yet: {', '.join(missing)}): run "
+            f"`cmpagl sweep {portable_path(tuning.path)}` first"
+        )
+    scores: dict[Variant, list[float]] = {}
+    for run, rec in zip(runs, records, strict=True):
+        scores.setdefault(run.variant, []).append(rec["training"]["best_val_r_mean"])
+    choices: dict[str, TuningChoice] = {}
+    for variant, values in scores.items():  # in the spec's order: a tie keeps the earlier one
+        mean = sum(values) / len(values)
+        best = choices.get(variant.group)
+        trials = (best.trials if best else 0) + 1
+        if best is None or mean > best.val_r_mean:
+            best = TuningChoice(
+                variant.group, variant.name, variant.config, variant.overrides, mean, trials
+            )
+        choices[variant.group] = replace(best, trials=trials)
+    return choices
+
+
+def resolve_tuning(spec: SweepSpec) -> tuple[SweepSpec, dict[str, TuningChoice]]:
+    """``spec`` with every ``tuned`` variant's overrides preceded by its group's best trial in
+    the ``tuned_by`` sweep (unchanged without one); and the choices used.
+
+    Raises:
+        ConfigError: the tuning sweep is unfinished (see :func:`tuning_choices`), has no such
+            group, or tuned that group on another base config than the variant's.
+    """
+    if spec.tuned_by is None:
+        return spec, {}
+    choices = tuning_choices(load_spec(spec.tuned_by))
+    variants = []
+    for v in spec.variants:
+        if v.tuned:
+            choice = choices.get(v.tuned)
+            if choice is None:
+                raise ConfigError(
+                    f"{spec.path}: variants.{v.name}: the tuning sweep has no group {v.tuned!r}; "
+                    f"its groups: {', '.join(choices)}"
+                )
+            if choice.config != v.config:
+                raise ConfigError(
+                    f"{spec.path}: variants.{v.name}: tuned on {portable_path(choice.config)}, "
+                    f"but the variant trains {portable_path(v.config)}"
+                )
+            v = replace(v, overrides=(*choice.overrides, *v.overrides))
+        variants.append(v)
+    used = {k: c for k, c in choices.items() if any(v.tuned == k for v in spec.variants)}
+    return replace(spec, variants=tuple(variants)), used
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,13 +438,14 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, Any]) -> Non
 
 def run_parameters(spec: SweepSpec, run: Run, extra: Mapping[str, Any] = ()) -> dict[str, Any]:
     """The notebook parameters of one run: the spec's, then ``extra`` (the command line's)."""
+    budget = run.variant.budget or spec.budget
     return {
         "config": str(run.variant.config),
         "overrides": [*spec.overrides, *run.variant.overrides],
         "seed": run.seed,
         "output_dir": str(run.run_dir),
-        "epochs": spec.budget.epochs,
-        "max_steps": spec.budget.max_steps,
+        "epochs": budget.epochs,
+        "max_steps": budget.max_steps,
         "log_every": 0,  # the config's (the notebook's default is for its own short demo)
         "rerankers": list(spec.rerankers),
         "split": spec.split,
@@ -423,9 +544,23 @@ class SweepReport:
     runs: list[Run]
     records: list[dict[str, Any] | None]
     executed: int = 0
+    tuning: dict[str, TuningChoice] = field(default_factory=dict)
+    #: why the tuned settings are not known yet (a dry run before the tuning sweep finished)
+    tuning_pending: str = ""
 
     def with_status(self, status: str) -> list[Run]:
         return [r for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == status]
+
+
+def _current(record: dict[str, Any] | None, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A record, or None where it was made with other overrides than the run now has (the
+    tuning sweep chose again, or the spec changed): such a run is done again."""
+    if record is not None and "overrides" in record:
+        have, want = list(record["overrides"]), list(params["overrides"])
+        # the notebook puts its own log_every override first: compare the runner's part
+        if have[len(have) - len(want) :] != want or len(have) > len(want) + 1:
+            return None
+    return record
 
 
 def _status(record: Mapping[str, Any] | None) -> str:
@@ -455,6 +590,13 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
+    pending = ""
+    try:
+        spec, tuning = resolve_tuning(spec)
+    except ConfigError as err:
+        if not dry_run or "is not finished" not in str(err):
+            raise
+        tuning, pending = {}, str(err)
     runs = spec.runs()
     unknown = [v for v in only if v not in {r.variant.name for r in runs}]
     unknown += [s for s in seeds if s not in spec.seeds]
@@ -462,8 +604,8 @@ def run_sweep(
         raise ConfigError(f"{spec.path}: no variant or seed {unknown} in this sweep")
     params = {run: run_parameters(spec, run, extra) for run in runs}
     check_parameters(spec.notebook, params[runs[0]])  # every run has the same names and types
-    records = [read_record(run) for run in runs]
-    report = SweepReport(spec, runs, records)
+    records = [_current(read_record(run), params[run]) for run in runs]
+    report = SweepReport(spec, runs, records, tuning=tuning, tuning_pending=pending)
     todo = [
         i
         for i, run in enumerate(runs)
@@ -581,6 +723,9 @@ def table_markdown(report: SweepReport) -> str:
         ]
         val = [rec["training"]["best_val_r_mean"] for rec in recs]
         lines.append(f"| {v.name} | {len(recs)}/{n} | " + " | ".join(cells) + f" | {cell(val)} |")
+    if report.tuning:
+        lines += ["", f"Settings tuned on the validation split by {report.spec.tuned_by.stem}:"]
+        lines += [f"- {c.describe()}" for c in report.tuning.values()]
     return "\n".join(lines)
 
 
@@ -616,6 +761,9 @@ def summary_text(report: SweepReport) -> str:
 def plan_text(report: SweepReport) -> str:
     """``--dry-run``: every run with its state."""
     lines = [f"sweep {report.spec.name} ({report.spec.path}): {len(report.runs)} runs"]
+    if report.tuning_pending:
+        lines.append(f"  tuned settings not known yet: {report.tuning_pending}")
+    lines += [f"  tuned: {c.describe()}" for c in report.tuning.values()]
     for run, rec in zip(report.runs, report.records, strict=True):
         status = _status(rec)
         if status == "pending" and (run.run_dir / "last").is_dir():

@@ -127,9 +127,16 @@ def test_the_committed_specs_load_and_check(repo_root):
     """``make ablations`` runs these; every variant's config must load with its overrides."""
     from cmpagl.config import load_config
 
-    for path in sorted((repo_root / "experiments" / "sweeps").glob("*.yaml")):
+    paths = sorted((repo_root / "experiments" / "sweeps").glob("*.yaml"))
+    # `make ablations` runs every spec, each tuning sweep before the study that reads it
+    make = (repo_root / "Makefile").read_text()
+    order = [make.index(f"experiments/sweeps/{p.name}") for p in paths]
+    for path, position in zip(paths, order, strict=True):
         spec = load_spec(path)
-        assert len(spec.seeds) >= 3, path.name
+        if spec.tuned_by is not None:
+            assert make.index(f"experiments/sweeps/{spec.tuned_by.name}") < position
+        # a study reports means over >= 3 seeds; a tuning sweep may use fewer (validation only)
+        assert len(spec.seeds) >= 3 or spec.split == "val", path.name
         assert run_sweep(spec, dry_run=True).executed == 0  # the parameters check passes
         for v in spec.variants:
             load_config(v.config, overrides=[*spec.overrides, *v.overrides])
@@ -263,3 +270,130 @@ def test_a_failing_variant_is_retried_once_and_reported(tmp_path, small_syntheti
     assert [(r["variant"], r["status"], r["attempts"]) for r in rows] == [("broken", "failed", "2")]
     assert "no_such_key" in rows[0]["error"]
     assert "| broken | 0/1 |" in (spec.results / "table.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning on validation, then the study with each system's best trial
+# ----------------------------------------------------------------------------------------------
+def _tuning_specs(tmp: Path) -> tuple[Path, Path]:
+    """A tuning sweep (two groups; validation only) and a study that takes its choices."""
+    tuning = tmp / "tune.yaml"
+    tuning.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nsplit: val\nresults: {tmp / 'results'}\n"
+        "overrides: [train.log_every=20]\nvariants:\n"
+        "  m: {group: m}\n"
+        "  m.fast: {group: m, overrides: [train.lr_new=1.0e-3]}\n"
+        "  m.slow: {group: m, overrides: [train.lr_new=2.5e-4]}\n"
+        "  b: {group: b, config: configs/ucm_cpu_baseline.yaml}\n"
+        "  b.pre: {group: b, config: configs/ucm_cpu_baseline.yaml,"
+        " overrides: [train.lr_pretrained=1.0e-4]}\n"
+    )
+    study = tmp / "study.yaml"
+    study.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0]\ntuned_by: {tuning}\n"
+        f"results: {tmp / 'results'}\nvariants:\n"
+        "  full: {tuned: m}\n"
+        "  no_tri: {tuned: m, overrides: [loss.w_tri=0]}\n"
+        "  plain: []\n"
+        "  base: {tuned: b, config: configs/ucm_cpu_baseline.yaml}\n"
+        "  base_long: {tuned: b, config: configs/ucm_cpu_baseline.yaml, budget: {epochs: 20}}\n"
+    )
+    return tuning, study
+
+
+def _write_val_records(spec, scores: dict[tuple[str, int], float]) -> None:
+    for run in spec.runs():
+        if (run.variant.name, run.seed) in scores:
+            run.record_path.parent.mkdir(parents=True, exist_ok=True)
+            rec = {
+                "status": "ok",
+                "split": "val",
+                "overrides": [*spec.overrides, *run.variant.overrides],
+                "training": {"best_val_r_mean": scores[run.variant.name, run.seed]},
+                "val": {"none": {"r_mean": scores[run.variant.name, run.seed]}},
+            }
+            run.record_path.write_text(json.dumps(rec))
+
+
+def test_a_study_takes_each_systems_best_validation_trial(tmp_path, repo_root):
+    from cmpagl.experiments import resolve_tuning, run_parameters, tuning_choices
+
+    tuning_path, study_path = _tuning_specs(tmp_path)
+    tuning, study = load_spec(tuning_path), load_spec(study_path)
+    # before the tuning sweep has finished: an error naming the command, a dry run says so
+    _write_val_records(tuning, {("m", 0): 10.0, ("m", 1): 12.0})
+    with pytest.raises(ConfigError, match=r"not finished \(2 of 10 runs ok.*cmpagl sweep"):
+        resolve_tuning(study)
+    report = run_sweep(study, dry_run=True)
+    assert "not finished" in report.tuning_pending
+    # m.fast has the best mean (13 > 11); m.slow ties it and loses (the earliest wins);
+    # b.pre wins its group on the mean over seeds (9.5 > 9.0)
+    _write_val_records(
+        tuning,
+        {
+            ("m", 0): 10.0, ("m", 1): 12.0,
+            ("m.fast", 0): 14.0, ("m.fast", 1): 12.0,
+            ("m.slow", 0): 12.0, ("m.slow", 1): 14.0,
+            ("b", 0): 9.0, ("b", 1): 9.0,
+            ("b.pre", 0): 10.0, ("b.pre", 1): 9.0,
+        },
+    )  # fmt: skip
+    choices = tuning_choices(tuning)
+    assert choices["m"].variant == "m.fast" and choices["m"].val_r_mean == 13.0
+    assert choices["m"].trials == 3 and choices["b"].trials == 2
+    assert choices["b"].variant == "b.pre"
+    resolved, used = resolve_tuning(study)
+    by_name = {v.name: v for v in resolved.variants}
+    assert by_name["full"].overrides == ("train.lr_new=1.0e-3",)
+    assert by_name["no_tri"].overrides == ("train.lr_new=1.0e-3", "loss.w_tri=0")
+    assert by_name["plain"].overrides == ()
+    assert by_name["base"].overrides == ("train.lr_pretrained=1.0e-4",)
+    assert set(used) == {"m", "b"}
+    # a variant's own budget goes to the notebook; the others get the spec's
+    runs = {r.variant.name: r for r in resolved.runs()}
+    assert run_parameters(resolved, runs["base_long"])["epochs"] == 20
+    assert run_parameters(resolved, runs["base"])["epochs"] == 0
+    # the choice is written under the study's table
+    report = run_sweep(study, dry_run=True)
+    assert not report.tuning_pending and "m.fast" in "\n".join(
+        c.describe() for c in report.tuning.values()
+    )
+
+
+def test_a_record_made_with_other_settings_is_not_reused(tmp_path):
+    """When the tuning chooses again, the study's earlier records are stale: done again."""
+    from cmpagl.experiments import resolve_tuning
+
+    tuning_path, study_path = _tuning_specs(tmp_path)
+    tuning = load_spec(tuning_path)
+    scores = {(v.name, s): 10.0 for v in tuning.variants for s in (0, 1)}
+    _write_val_records(tuning, scores)  # all tie: the first trial of each group wins
+    study, _ = resolve_tuning(load_spec(study_path))
+    full = next(r for r in study.runs() if r.variant.name == "full")
+    full.record_path.parent.mkdir(parents=True, exist_ok=True)
+    full.record_path.write_text(json.dumps({"status": "ok", "overrides": []}))
+    assert run_sweep(load_spec(study_path), dry_run=True).records[0] is not None
+    _write_val_records(tuning, {**scores, ("m.slow", 1): 11.0})  # m.slow wins now
+    assert run_sweep(load_spec(study_path), dry_run=True).records[0] is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("split: val\n", ""), "must have split: val"),
+        (("tuned_by: ", "#"), "name the tuning sweep"),
+        (("  full: {tuned: m}", "  full: {tuned: q}"), "no group 'q'"),
+        (("  base: {tuned: b, config: configs/ucm_cpu_baseline.yaml}", "  base: {tuned: b}"),
+         "tuned on configs/ucm_cpu_baseline.yaml, but the variant trains configs/ucm_cpu.yaml"),
+    ],
+)  # fmt: skip
+def test_tuning_mistakes_are_named(tmp_path, edit, message):
+    from cmpagl.experiments import resolve_tuning
+
+    tuning_path, study_path = _tuning_specs(tmp_path)
+    _write_val_records(load_spec(tuning_path), {(v, s): 1.0 for v in
+                       ("m", "m.fast", "m.slow", "b", "b.pre") for s in (0, 1)})  # fmt: skip
+    for path in (tuning_path, study_path):
+        path.write_text(path.read_text().replace(*edit))
+    with pytest.raises(ConfigError, match=message):
+        resolve_tuning(load_spec(study_path))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cmpagl.config import ConfigError
-from cmpagl.runs import plan_run, training_curves
+from cmpagl.runs import evaluate_best, plan_run, result_record, train_or_resume, training_curves
 
 NOTEBOOK = "05_train.ipynb"
 
@@ -148,6 +148,15 @@ def test_training_notebook_writes_its_record_then_reads_it_back(
     # the same folder with another config is refused, naming the key that differs
     plan = plan_run(params["config"], params["overrides"], output_dir=run, max_steps=3)
     assert plan.state == "finished" and plan.checkpoint_step == 3
+    # a tuning run (split "val") records validation metrics under "val" and no test metrics;
+    # best/ re-evaluated on val gives the score that selected it
+    plan.rerankers = ["none"]
+    evaluation, _ = evaluate_best(plan, "val")
+    tuned = result_record(plan, train_or_resume(plan), evaluation)
+    assert tuned["split"] == "val" and "test" not in tuned
+    assert tuned["val"]["none"]["r_mean"] == pytest.approx(record["training"]["best_val_r_mean"])
+    with pytest.raises(ValueError, match="split must be 'test' or 'val'"):
+        evaluate_best(plan, "train")
     with pytest.raises(ConfigError, match=r"loss\.w_tri: 1\.0 -> 0\.0"):
         plan_run(
             params["config"], [*params["overrides"], "loss.w_tri=0"], output_dir=run, max_steps=3
