@@ -3,6 +3,7 @@ notebook (``notebooks/05_train.ipynb``) by papermill, resumable across sessions 
 
     cmpagl sweep experiments/sweeps/ucm_ablations.yaml     # or: python -m cmpagl.experiments
     cmpagl sweep SPEC.yaml --dry-run                       # the runs and the state of each
+    cmpagl sweep SPEC.yaml --table                         # the tables again, from the records
     cmpagl sweep SPEC.yaml --seeds 1 --only cmpagl         # a part (another machine, say)
     cmpagl sweep SPEC.yaml -p rerankers '[none, smr]'      # a notebook parameter for every run
 
@@ -16,6 +17,7 @@ A spec (relative paths are read from the repository root)::
     rerankers: []                       # empty: all (the ITM ones only where ITM was trained)
     split: test                         # or val: a tuning sweep, which never reads the test split
     tuned_by: experiments/sweeps/ucm_tuning.yaml   # where `tuned` variants take their settings
+    reference: cmpagl                   # paired.md compares every variant with it (default: first)
     out: runs/sweeps/ucm_ablations      # default runs/sweeps/<name>
     results: results                    # records go to <results>/<name>/
     notebook: notebooks/05_train.ipynb
@@ -38,7 +40,9 @@ not reused: that run is done again.
 Each (variant, seed) runs in ``<out>/<variant>/seed<k>/``: its checkpoints, log, evaluation and
 the executed notebook, the run's browsable report. Only small files go to
 ``<results>/<name>/``: one JSON record per run (``<variant>/seed<k>.json``), ``runs.csv`` (one
-row per run) and ``table.md`` (mean ± std over seeds per variant).
+row per run), ``table.md`` (mean ± std over seeds per variant) and ``paired.md`` (differences
+paired by seed with 95 % confidence intervals: every variant against the reference, every
+re-ranker against none).
 
 Resuming: a run whose record says ``ok`` is skipped, so committed records carry a sweep to
 another machine. A run interrupted mid-way has no record; it is executed again and the notebook
@@ -108,6 +112,7 @@ class _SpecFields:
     rerankers: tuple[str, ...] = ()
     split: str = "test"
     tuned_by: str = ""
+    reference: str = ""
     out: str = ""
     results: str = "results"
     retries: int = 1
@@ -163,6 +168,7 @@ class SweepSpec:
     retries: int
     split: str = "test"
     tuned_by: Path | None = None
+    reference: str = ""  # the variant others are compared with, seed by seed (default: first)
 
     def runs(self) -> list[Run]:
         """Every (variant, seed), seed by seed: a sweep stopped half-way has whole seeds of
@@ -264,6 +270,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             path, "tuned_by", f"variants take tuned settings of {tuned}: name the tuning sweep"
         )
     tuned_by = resolve_path(fields.tuned_by) if fields.tuned_by else None
+    if fields.reference and fields.reference not in {v.name for v in variants}:
+        raise _spec_error(path, "reference", f"no variant {fields.reference!r}")
     if tuned_by is not None and not tuned_by.is_file():
         raise _spec_error(path, "tuned_by", f"tuning sweep {tuned_by} not found")
     if not isinstance(parameters, Mapping):
@@ -283,6 +291,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         retries=fields.retries,
         split=fields.split,
         tuned_by=tuned_by,
+        reference=fields.reference or variants[0].name,
     )
 
 
@@ -729,6 +738,72 @@ def table_markdown(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
+def _by_variant(report: SweepReport) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> metrics per re-ranker, of the ``ok`` records."""
+    out: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in report.spec.variants}
+    for run, rec in zip(report.runs, report.records, strict=True):
+        if _status(rec) == "ok":
+            out[run.variant.name][run.seed] = _metrics(rec)
+    return out
+
+
+def _interval(a: Mapping[int, dict], b: Mapping[int, dict], r_a: str, r_b: str):
+    """b's mR (re-ranker r_b) − a's (r_a), paired by seed over the seeds both have; None if
+    none."""
+    from cmpagl.report import PairedInterval
+
+    seeds = sorted(s for s in a.keys() & b.keys() if r_a in a[s] and r_b in b[s])
+    if not seeds:
+        return None
+    return PairedInterval(tuple(b[s][r_b]["r_mean"] - a[s][r_a]["r_mean"] for s in seeds))
+
+
+def paired_markdown(report: SweepReport) -> str:
+    """Differences in test mR paired by seed, with 95 % confidence intervals (t over seeds):
+    each variant against the spec's reference variant (no re-ranking, and SMR), and within each
+    variant what every re-ranker adds over none. An interval marked * excludes 0 (resolved)."""
+    by_variant = _by_variant(report)
+    rerankers = _rerankers(report.records)
+    ref_name = report.spec.reference
+    ref = by_variant.get(ref_name, {})
+
+    def cell(iv) -> str:
+        if iv is None:
+            return "–"
+        return iv.describe() + (" *" if iv.resolved else "") + f" (n={iv.n})"
+
+    compared = [r for r in ("none", "smr") if r in rerankers]
+    lines = [
+        f"Each variant minus {ref_name}, seed by seed (test mR; mean [95 % CI]; "
+        "* the interval excludes 0):",
+        "",
+        "| variant | " + " | ".join(f"{r}" for r in compared) + " |",
+        "|---" * (1 + len(compared)) + "|",
+    ]
+    for name, seeds in by_variant.items():
+        if name != ref_name:
+            lines.append(
+                f"| {name} | "
+                + " | ".join(cell(_interval(ref, seeds, r, r)) for r in compared)
+                + " |"
+            )
+    others = [r for r in rerankers if r != "none"]
+    lines += [
+        "",
+        "Each re-ranker minus no re-ranking, within a variant, seed by seed (test mR):",
+        "",
+        "| variant | " + " | ".join(others) + " |",
+        "|---" * (1 + len(others)) + "|",
+    ]
+    for name, seeds in by_variant.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(_interval(seeds, seeds, "none", r)) for r in others)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def write_tables(report: SweepReport) -> None:
     """``runs.csv`` and ``table.md`` in the sweep's results folder (atomically)."""
     rows = csv_rows(report)
@@ -738,6 +813,8 @@ def write_tables(report: SweepReport) -> None:
     writer.writerows(rows)
     atomic_write_text(report.spec.results / "runs.csv", buf.getvalue())
     atomic_write_text(report.spec.results / "table.md", table_markdown(report) + "\n")
+    if report.spec.split == "test":
+        atomic_write_text(report.spec.results / "paired.md", paired_markdown(report) + "\n")
 
 
 def summary_text(report: SweepReport) -> str:
@@ -793,6 +870,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="VARIANT", help="run only this")
     p.add_argument("--seeds", type=int, nargs="+", default=[], help="run only these seeds")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="run nothing: write the tables (runs.csv, table.md, paired.md) from the records",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -801,9 +883,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     specs = [load_spec(path) for path in args.spec]
     status = 0
     for spec in specs:
-        report = run_sweep(spec, extra, only=args.only, seeds=args.seeds, dry_run=args.dry_run)
+        quiet = args.dry_run or args.table
+        report = run_sweep(spec, extra, only=args.only, seeds=args.seeds, dry_run=quiet)
         if args.dry_run:
             print(plan_text(report))
+            continue
+        if args.table:
+            write_tables(report)
+            print(summary_text(report), flush=True)
+            if spec.split == "test":
+                print(paired_markdown(report), flush=True)
             continue
         print(summary_text(report), flush=True)
         status |= bool(report.with_status("failed"))

@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "KEYS",
+    "PairedInterval",
     "RERANKERS",
     "TargetCheck",
     "check_targets",
@@ -264,6 +265,58 @@ def paired_differences_markdown(by_config: Mapping[str, Sequence[Entry]]) -> str
         for r in RERANKERS[1:]:
             add(f"{config}: {r} − none", paired(es, es, "none", r))
     return "\n".join(rows)
+
+
+# Two-sided 95 % quantiles of Student's t, t_{0.975}(df), df = 1..30 (beyond: the normal 1.960,
+# less than 2 % below the exact value).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """The mean of per-seed differences with its 95 % confidence interval (t over seeds):
+    ``mean ± t_{0.975}(n - 1) · sd / √n``; no interval for one seed."""
+
+    differences: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.differences)
+
+    @property
+    def half_width(self) -> float | None:
+        if self.n < 2:
+            return None
+        t = _T975[self.n - 2] if self.n - 1 <= len(_T975) else 1.960
+        return t * statistics.stdev(self.differences) / self.n**0.5
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval excludes 0 (never with one seed)."""
+        h = self.half_width
+        return h is not None and abs(self.mean) > h
+
+    def describe(self) -> str:
+        """``"+1.23 [−0.40, +2.86]"``, or ``"+1.23 (1 seed, no interval)"``."""
+        h = self.half_width
+        if h is None:
+            return f"{self.mean:+.2f} (1 seed, no interval)"
+        return f"{self.mean:+.2f} [{self.mean - h:+.2f}, {self.mean + h:+.2f}]"
+
+    def verdict(self) -> str:
+        if self.half_width is None:
+            return "not resolved (1 seed)"
+        if not self.resolved:
+            return "not resolved (the interval holds 0)"
+        return "resolved: " + ("higher" if self.mean > 0 else "lower")
 
 
 @dataclass(frozen=True)

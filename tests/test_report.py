@@ -187,3 +187,25 @@ def test_val_curve_reads_validations_of_a_log(tmp_path) -> None:
         {"epoch": 0, "step": 3, "r_mean": 12.5},
         {"epoch": 1, "step": 6, "r_mean": 14.0},
     ]
+
+
+def test_paired_interval_is_the_t_interval_over_seeds():
+    from cmpagl.report import PairedInterval
+
+    iv = PairedInterval((1.0, 2.0, 3.0))  # mean 2, sd 1, n 3: 2 ± 4.303 / √3
+    assert iv.mean == 2.0 and iv.half_width == pytest.approx(4.303 / 3**0.5, rel=1e-4)
+    assert not iv.resolved and "holds 0" in iv.verdict()
+    assert iv.describe() == "+2.00 [-0.48, +4.48]"
+    tight = PairedInterval((1.0, 1.1, 0.9))
+    assert tight.resolved and tight.verdict() == "resolved: higher"
+    assert PairedInterval((-1.0, -1.1, -0.9)).verdict() == "resolved: lower"
+    one = PairedInterval((5.0,))
+    assert one.half_width is None and not one.resolved and "1 seed" in one.describe()
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is not installed (optional here)")
+    from cmpagl.report import _T975
+
+    for df, t in enumerate(_T975, start=1):
+        assert t == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4), df

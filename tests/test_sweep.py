@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -397,3 +398,46 @@ def test_tuning_mistakes_are_named(tmp_path, edit, message):
         path.write_text(path.read_text().replace(*edit))
     with pytest.raises(ConfigError, match=message):
         resolve_tuning(load_spec(study_path))
+
+
+def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
+    """``--table`` runs nothing and writes runs.csv, table.md and paired.md from the records;
+    differences are paired by seed (a seed missing on one side is left out)."""
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nreference: full\n"
+        "variants:\n  worse: [loss.w_tri=0]\n  full: []\n"
+    )
+    spec = load_spec(spec_path)
+    mr = {  # (variant, seed) -> (none, smr)
+        ("full", 0): (20.0, 21.0), ("full", 1): (22.0, 23.2), ("full", 2): (18.0, 18.8),
+        ("worse", 0): (15.0, 16.0), ("worse", 1): (17.5, 18.0),
+    }  # fmt: skip
+    for run in spec.runs():
+        if (run.variant.name, run.seed) in mr:
+            none, smr = mr[run.variant.name, run.seed]
+            run.record_path.parent.mkdir(parents=True, exist_ok=True)
+            run.record_path.write_text(
+                json.dumps(
+                    {
+                        "status": "ok",
+                        "split": "test",
+                        "overrides": list(run.variant.overrides),
+                        "training": {"best_val_r_mean": none},
+                        "test": {"none": {"r_mean": none}, "smr": {"r_mean": smr}},
+                    }
+                )
+            )
+    assert main([str(spec_path), "--table"]) == 0
+    out = capsys.readouterr().out
+    paired = (tmp_path / "results" / "study" / "paired.md").read_text()
+    assert paired in out and not (tmp_path / "runs").exists()
+    # worse − full over seeds 0 and 1: (−5, −4.5): mean −4.75, sd 0.354, t(1) = 12.706
+    row = next(line for line in paired.splitlines() if line.startswith("| worse |"))
+    half = 12.706 * statistics.stdev([-5.0, -4.5]) / 2**0.5
+    assert f"-4.75 [{-4.75 - half:+.2f}, {-4.75 + half:+.2f}]" in row and "(n=2)" in row
+    # smr − none within full: (+1, +1.2, +0.8): [+0.50, +1.50], resolved with 3 seeds
+    row = next(line for line in paired.splitlines() if line.startswith("| full |"))
+    assert "+1.00 [+0.50, +1.50] * (n=3)" in row
+    assert (tmp_path / "results" / "study" / "runs.csv").is_file()
