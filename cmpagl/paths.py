@@ -34,3 +34,16 @@ def ucm_subset_dir() -> Path:
 def annotations_dir() -> Path:
     """Real caption files of RSICD, RSITMD, UCM-Captions and Sydney-Captions (no images)."""
     return shared_data_dir() / "annotations"
+
+
+ENV_BOOK_MODEL = "CMPAGL_BOOK_MODEL"
+
+
+def book_model_dir() -> Path:
+    """The run folder of the book's model: ``$CMPAGL_BOOK_MODEL`` if set, else
+    ``<repo>/runs/book_model`` (trained by ``make book`` through the training chapter, reused
+    when it is there)."""
+    env = os.environ.get(ENV_BOOK_MODEL)
+    if env:
+        return Path(env).expanduser().resolve()
+    return REPO_ROOT / "runs" / "book_model"

@@ -47,6 +47,7 @@ __all__ = [
     "TrainingSummary",
     "default_output_dir",
     "evaluate_best",
+    "load_book_model",
     "plan_run",
     "portable_path",
     "resolve_path",
@@ -551,3 +552,28 @@ def training_curves(run: str | os.PathLike[str] | Sequence[Mapping[str, Any]]) -
         scores = curves.val["r_mean"]
         curves.best_step = curves.val_step[scores.index(max(scores))]
     return curves
+
+
+def load_book_model(model_dir: str | os.PathLike[str] = ""):
+    """The book's trained model for a chapter: ``(model in eval mode, its config)`` from the
+    ``best/`` checkpoint (chosen on validation) of ``model_dir`` (empty:
+    :func:`cmpagl.paths.book_model_dir`).
+
+    Raises:
+        CheckpointError: no trained model there, with the command that trains it.
+    """
+    from cmpagl.checkpoint import CheckpointError, load_checkpoint
+    from cmpagl.paths import book_model_dir
+
+    folder = resolve_path(model_dir) if model_dir else book_model_dir()
+    try:
+        with _quiet_imports():
+            model, cfg, _ = load_checkpoint(folder, prefer="best")
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}. The book's model is trained by `make book` (the training chapter), or: "
+            "papermill notebooks/05_train.ipynb runs/book_model.ipynb -p config "
+            "configs/ucm_book.yaml -p max_steps 0 -p output_dir runs/book_model"
+        ) from None
+    return model.eval(), cfg
+

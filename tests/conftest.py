@@ -44,3 +44,22 @@ def small_synthetic(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic")
     return generate_synthetic_dataset(out, n_train=40, n_val=10, n_test=10, image_size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, small_synthetic) -> Path:
+    """A run folder (``best/``, ``last/``, log) of a tiny CMPAGL trained 4 steps on
+    ``small_synthetic``: what a chapter's ``model_dir`` parameter points to in the tests."""
+    from test_train_notebook import tiny_overrides
+
+    from cmpagl.runs import plan_run, train_or_resume
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    plan = plan_run(
+        "configs/synthetic_tiny.yaml",
+        [*tiny_overrides(small_synthetic), "train.checkpoint_every=2", "train.log_every=1"],
+        output_dir=out,
+        max_steps=4,
+    )
+    train_or_resume(plan)
+    return out
