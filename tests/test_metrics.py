@@ -495,3 +495,18 @@ def test_retrieval_ranks_once_per_direction_give_every_key():
     )
     with pytest.raises(ValueError, match="scores_t2i is"):
         m.retrieval_ranks(a, t2i, scores_t2i=b[:, :2])
+
+
+def test_chance_recall_is_the_expected_recall_of_an_all_tied_matrix():
+    """With every score equal, the tie-aware expected recall is a uniform random ranking's:
+    the chance level, computed independently by counting."""
+    from cmpagl.metrics import chance_recall, recall_at_k
+
+    n_img, c = 12, 3
+    txt2img = torch.arange(n_img).repeat_interleave(c)
+    tied = recall_at_k(torch.zeros(n_img, n_img * c), txt2img, ks=(1, 5, 10))
+    chance = chance_recall(n_img, c, ks=(1, 5, 10))
+    assert chance.keys() == tied.keys()
+    for key in chance:
+        assert chance[key] == pytest.approx(tied[key], abs=1e-9), key
+    assert chance_recall(160, 5)["img_r10"] == pytest.approx(100 * 10 / 160)
