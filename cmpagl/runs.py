@@ -468,6 +468,8 @@ def result_record(
     selected the checkpoint, the metrics per re-ranker under the evaluated split's name
     (``"test"``, or ``"val"`` for a tuning run), each re-ranker's chosen settings,
     time, throughput, device and commits. Paths inside the repository are relative to it."""
+    from cmpagl.report import val_curve
+
     names = list(evaluation.get("rerankers") or evaluation["metrics"])
     split = evaluation.get("split", "test")
     tuning = evaluation.get("tuning") or {}
@@ -483,6 +485,8 @@ def result_record(
         "budget": {"epochs": plan.epochs, "max_steps": plan.max_steps},
         "output_dir": portable_path(plan.output_dir),
         "training": asdict(training),
+        # every validation of the run: how the selection score evolved over the budget
+        "val_curve": val_curve(plan.output_dir),
         "split": split,
         "rerankers": names,
         split: {r: dict(evaluation["metrics"][r]) for r in names},

@@ -128,6 +128,7 @@ def test_training_notebook_writes_its_record_then_reads_it_back(
         if r["kind"] == "val"
     ]
     assert record["training"]["best_val_r_mean"] == max(r["r_mean"] for r in val)
+    assert [v["r_mean"] for v in record["val_curve"]] == [r["r_mean"] for r in val]
     assert list(record["test"]) == ["none", "itm", "smr"]
     for metrics in record["test"].values():
         assert 0.0 <= metrics["r_mean"] <= 100.0
