@@ -78,10 +78,16 @@ __all__ = [
     "SweepSpec",
     "Variant",
     "check_parameters",
+    "findings",
+    "load_report",
     "load_spec",
+    "long_table",
     "main",
+    "paired_markdown",
+    "resolve_tuning",
     "run_parameters",
     "run_sweep",
+    "tuning_choices",
 ]
 
 DEFAULT_NOTEBOOK = "notebooks/05_train.ipynb"
@@ -850,6 +856,63 @@ def plan_text(report: SweepReport) -> str:
             f"  {run.label:<28} {status:<10} {portable_path(run.variant.config)} {overrides}"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a study back (the book's ablation chapter)
+# ----------------------------------------------------------------------------------------------
+def load_report(spec_path: str | Path) -> SweepReport:
+    """A sweep's spec and committed records, nothing run (a study unfinished, or whose tuning
+    is unfinished, reads as far as it goes)."""
+    return run_sweep(load_spec(spec_path), dry_run=True)
+
+
+def long_table(report: SweepReport):
+    """One row per (variant, seed, re-ranker) of the ``ok`` records: a pandas DataFrame with
+    ``variant``, ``seed``, ``reranker``, the metric columns (:data:`cmpagl.report.KEYS`) and
+    ``val_r_mean`` (the score that selected the checkpoint); for plots and custom tables."""
+    import pandas as pd
+
+    rows = []
+    for run, rec in zip(report.runs, report.records, strict=True):
+        if _status(rec) != "ok":
+            continue
+        for r, m in _metrics(rec).items():
+            rows.append(
+                {
+                    "variant": run.variant.name,
+                    "seed": run.seed,
+                    "reranker": r,
+                    **{k: m.get(k) for k in KEYS},
+                    "val_r_mean": rec["training"]["best_val_r_mean"],
+                }
+            )
+    columns = ["variant", "seed", "reranker", *KEYS, "val_r_mean"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def findings(
+    report: SweepReport, labels: Mapping[str, str] = (), reranker: str = "none"
+) -> list[str]:
+    """A sentence per variant: its test mR minus the reference's, seed by seed, with the 95 %
+    interval and whether it is resolved; ``labels`` names what each variant changes."""
+    by_variant = _by_variant(report)
+    ref = by_variant.get(report.spec.reference, {})
+    labels = dict(labels)
+    out = []
+    for name, seeds in by_variant.items():
+        if name == report.spec.reference:
+            continue
+        what = labels.get(name, name)
+        iv = _interval(ref, seeds, reranker, reranker)
+        if iv is None:
+            out.append(f"{what}: no finished seed pairs yet.")
+            continue
+        out.append(
+            f"{what}: {iv.describe()} mR against {report.spec.reference} over {iv.n} "
+            f"seed(s) ({reranker}); {iv.verdict()}."
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

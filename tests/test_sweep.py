@@ -441,3 +441,16 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     row = next(line for line in paired.splitlines() if line.startswith("| full |"))
     assert "+1.00 [+0.50, +1.50] * (n=3)" in row
     assert (tmp_path / "results" / "study" / "runs.csv").is_file()
+    # read back for the book: a long table and a sentence per variant
+    from cmpagl.experiments import findings, load_report, long_table
+
+    report = load_report(spec_path)
+    frame = long_table(report)
+    assert len(frame) == 2 * 5 and set(frame["reranker"]) == {"none", "smr"}
+    assert (
+        frame.query("variant == 'worse' and seed == 1 and reranker == 'smr'")["r_mean"].item()
+        == 18.0
+    )
+    (sentence,) = findings(report, {"worse": "without the triplet loss"})
+    assert sentence.startswith("without the triplet loss: -4.75 [")
+    assert sentence.endswith("over 2 seed(s) (none); resolved: lower.")
