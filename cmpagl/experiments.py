@@ -83,6 +83,7 @@ __all__ = [
     "load_spec",
     "long_table",
     "main",
+    "paired_interval",
     "paired_markdown",
     "resolve_tuning",
     "run_parameters",
@@ -242,6 +243,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             budget, an unknown re-ranker.
     """
     path = Path(path)
+    if not path.is_absolute() and not path.exists():  # from a notebook's folder, say
+        path = resolve_path(path)
     data = _read_yaml_mapping(path, None)
     raw_variants = data.pop("variants", None)
     parameters = data.pop("parameters", None) or {}
@@ -717,8 +720,8 @@ def table_markdown(report: SweepReport) -> str:
     split = report.spec.split
     lines = [
         "| variant | ok | "
-        + " | ".join(f"{split} mR {r}" for r in rerankers)
-        + " | val mR (selection) |",
+        + "".join(f"{split} mR {r} | " for r in rerankers)
+        + "val mR (selection) |",
         "|---" * (3 + len(rerankers)) + "|",
     ]
     for v in report.spec.variants:
@@ -737,7 +740,11 @@ def table_markdown(report: SweepReport) -> str:
             for r in rerankers
         ]
         val = [rec["training"]["best_val_r_mean"] for rec in recs]
-        lines.append(f"| {v.name} | {len(recs)}/{n} | " + " | ".join(cells) + f" | {cell(val)} |")
+        lines.append(
+            f"| {v.name} | {len(recs)}/{n} | "
+            + "".join(f"{c} | " for c in cells)
+            + f"{cell(val)} |"
+        )
     if report.tuning:
         lines += ["", f"Settings tuned on the validation split by {report.spec.tuned_by.stem}:"]
         lines += [f"- {c.describe()}" for c in report.tuning.values()]
@@ -770,6 +777,8 @@ def paired_markdown(report: SweepReport) -> str:
     variant what every re-ranker adds over none. An interval marked * excludes 0 (resolved)."""
     by_variant = _by_variant(report)
     rerankers = _rerankers(report.records)
+    if not rerankers:
+        return "No finished runs yet: nothing to compare."
     ref_name = report.spec.reference
     ref = by_variant.get(ref_name, {})
 
@@ -889,6 +898,14 @@ def long_table(report: SweepReport):
             )
     columns = ["variant", "seed", "reranker", *KEYS, "val_r_mean"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def paired_interval(report: SweepReport, a: str, b: str, r_a: str = "none", r_b: str = "none"):
+    """Test mR of variant ``b`` (re-ranker ``r_b``) minus variant ``a`` (``r_a``), paired by
+    seed over the seeds both finished, as a :class:`cmpagl.report.PairedInterval`; None if
+    they share no seed."""
+    by_variant = _by_variant(report)
+    return _interval(by_variant.get(a, {}), by_variant.get(b, {}), r_a, r_b)
 
 
 def findings(

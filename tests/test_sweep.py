@@ -454,3 +454,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     (sentence,) = findings(report, {"worse": "without the triplet loss"})
     assert sentence.startswith("without the triplet loss: -4.75 [")
     assert sentence.endswith("over 2 seed(s) (none); resolved: lower.")
+    from cmpagl.experiments import paired_interval
+
+    assert paired_interval(report, "full", "worse").mean == -4.75
+    assert paired_interval(report, "full", "full", "none", "smr").n == 3
