@@ -8,6 +8,16 @@ import json
 import pytest
 from test_train_notebook import small_parameters
 
+def _executed_chapters(tmp) -> str:
+    """Two executed chapters as papermill leaves them (their run time in the metadata)."""
+    folder = tmp / "executed"
+    folder.mkdir()
+    for name, seconds in (("01_data", 95.0), ("07_losses", 48.5)):
+        nb = {"cells": [], "metadata": {"papermill": {"duration": seconds}}, "nbformat": 4}
+        (folder / f"{name}.ipynb").write_text(json.dumps(nb))
+    return str(folder)
+
+
 # Small parameters per notebook, so the suite stays fast on 2 CPU cores.
 SMALL = {
     "01_data.ipynb": lambda tmp, synthetic: {
@@ -51,6 +61,7 @@ SMALL = {
     # the chapters that read a trained model get a tiny one (the book's is trained by make book)
     "06_text_fusion.ipynb": lambda tmp, synthetic, run: {"model_dir": str(run)},
     "07_losses.ipynb": lambda tmp, synthetic, run: {"model_dir": str(run)},
+    "08_course.ipynb": lambda tmp, synthetic: {"executed_dir": _executed_chapters(tmp)},
 }
 
 
