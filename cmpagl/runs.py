@@ -559,7 +559,8 @@ def training_curves(run: str | os.PathLike[str] | Sequence[Mapping[str, Any]]) -
 
 
 def load_book_model(model_dir: str | os.PathLike[str] = ""):
-    """The book's trained model for a chapter: ``(model in eval mode, its config)`` from the
+    """The book's trained model for a chapter: ``(model in eval mode, its config)`` (with
+    ``data.root`` resolved, so the chapter reads the model's data from any folder) from the
     ``best/`` checkpoint (chosen on validation) of ``model_dir`` (empty:
     :func:`cmpagl.paths.book_model_dir`).
 
@@ -579,5 +580,5 @@ def load_book_model(model_dir: str | os.PathLike[str] = ""):
             "papermill notebooks/05_train.ipynb runs/book_model.ipynb -p config "
             "configs/ucm_book.yaml -p max_steps 0 -p output_dir runs/book_model"
         ) from None
+    cfg.data.root = str(resolve_path(cfg.data.root))  # saved relative to the repository root
     return model.eval(), cfg
-

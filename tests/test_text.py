@@ -36,6 +36,8 @@ from cmpagl.models.text import (
     BertFusionEncoder,
     BertMLMHead,
     build_text_encoders,
+    fuse_text_only,
+    fuse_with_attention,
     mask_tokens,
     pool_text,
     resolve_split,
@@ -464,3 +466,74 @@ def test_fusion_layer_rejects_a_layer_that_does_not_fit():
     _, fusion, _ = split_bert_model(_tiny_bert(2))
     with pytest.raises(ValueError, match="pretrained layer does not fit"):
         fusion.layer[0].load_pretrained_layer(nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Looking inside the fusion encoder
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_fuse_text_only_completes_the_full_bert(split, reference, batch):
+    ids, mask = batch
+    hidden = split.text_encoder(ids, mask)
+    full = fuse_text_only(split.fusion_encoder, hidden, mask)
+    assert (full - reference(ids, attention_mask=mask).last_hidden_state).abs().max() < TOL
+    # the same as the fusion encoder with its cross-attention sub-layers taken out
+    image = torch.randn(len(CAPTIONS), 5, 384)
+    twin = _without_cross_attention(split.fusion_encoder)
+    assert torch.equal(full, twin(hidden, mask, image))
+
+
+@pytest.mark.parametrize("split_layer", [1, 3])
+@torch.no_grad()
+def test_fuse_text_only_at_any_split_point_of_a_tiny_bert(split_layer):
+    bert = _tiny_bert(4)
+    text, fusion, _ = split_bert_model(bert, split_layer)
+    ids, mask = torch.randint(5, 50, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    fused = fuse_text_only(fusion, text(ids, mask), mask)
+    assert (fused - bert(ids, attention_mask=mask).last_hidden_state).abs().max() < TOL
+
+
+@torch.no_grad()
+def test_fuse_with_attention_returns_the_weights_the_layers_used(split, batch):
+    ids, mask = batch
+    hidden = split.text_encoder(ids, mask)
+    torch.manual_seed(0)
+    image = torch.randn(len(CAPTIONS), 5, 384)
+    fused, weights = fuse_with_attention(split.fusion_encoder, hidden, mask, image)
+    assert torch.equal(fused, split.fusion_encoder(hidden, mask, image))
+    heads = split.config.num_attention_heads
+    assert len(weights) == len(split.fusion_encoder.layer) == 3
+    for w in weights:
+        assert w.shape == (len(CAPTIONS), heads, ids.shape[1], 5)
+        assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-6)
+    # transformers' eager kernel, which returns its weights, agrees on every layer's input
+    eager = copy.deepcopy(split.fusion_encoder)
+    eager.config._attn_implementation = "eager"
+    queries = []
+    hooks = [
+        layer.crossattention.register_forward_pre_hook(lambda _, args: queries.append(args[0]))
+        for layer in eager.layer
+    ]
+    eager(hidden, mask, image)
+    for hook in hooks:
+        hook.remove()
+    for layer, q, w in zip(eager.layer, queries, weights, strict=True):
+        _, ref = layer.crossattention(q, encoder_hidden_states=image)
+        assert (ref - w).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_cross_attention_weights_leave_masked_image_tokens_out(split, batch):
+    ids, mask = batch
+    hidden = split.text_encoder(ids, mask)
+    torch.manual_seed(0)
+    image = torch.randn(len(CAPTIONS), 6, 384)
+    image_mask = torch.ones(len(CAPTIONS), 6, dtype=torch.long)
+    image_mask[0, 4:] = 0
+    _, weights = fuse_with_attention(split.fusion_encoder, hidden, mask, image, image_mask)
+    _, alone = fuse_with_attention(split.fusion_encoder, hidden[:1], mask[:1], image[:1, :4])
+    for w, a in zip(weights, alone, strict=True):
+        assert torch.all(w[0, ..., 4:] == 0)
+        assert (w[0, ..., :4] - a[0]).abs().max() < 1e-5

@@ -57,6 +57,9 @@ __all__ = [
     "BertTextEncoder",
     "SplitBert",
     "build_text_encoders",
+    "cross_attention_weights",
+    "fuse_text_only",
+    "fuse_with_attention",
     "load_bert_config",
     "load_tokenizer",
     "mask_tokens",
@@ -458,3 +461,99 @@ def mask_tokens(
     masked = torch.where(selected & (action < 0.8), tokenizer.mask_token_id, input_ids)
     masked = torch.where(selected & (action >= 0.8) & (action < 0.9), pool[draw], masked)
     return masked, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Looking inside the fusion encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def fuse_text_only(
+    fusion: BertFusionEncoder, text_hidden: Tensor, attention_mask: Tensor
+) -> Tensor:
+    """The fusion layers with their cross-attention skipped: self-attention -> FFN per layer.
+
+    That is exactly the pretrained ``BertLayer`` each fusion layer was copied from, so for a split
+    checkpoint ``fuse_text_only(fusion, text_encoder(ids, mask), mask)`` is the full BERT's
+    ``last_hidden_state`` (METHOD.md §1.2): the split adds cross-attention and nothing else.
+
+    Args:
+        fusion: the multimodal encoder.
+        text_hidden: ``[B, L, D]`` output of the text encoder.
+        attention_mask: ``[B, L]``, 1 for real tokens.
+
+    Returns:
+        ``[B, L, D]``.
+    """
+    mask = create_bidirectional_mask(
+        config=fusion.config, inputs_embeds=text_hidden, attention_mask=attention_mask
+    )
+    hidden = text_hidden
+    for layer in fusion.layer:
+        hidden, _ = layer.attention(hidden, mask)
+        hidden = layer.output(layer.intermediate(hidden), hidden)
+    return hidden
+
+
+def cross_attention_weights(
+    attention: BertAttention,
+    hidden: Tensor,
+    image_tokens: Tensor,
+    image_mask: Tensor | None = None,
+) -> Tensor:
+    """The attention weights of one cross-attention sub-layer: softmax(Q Kᵀ / √d_head).
+
+    Computed from the sub-layer's own query/key projections (the model's attention kernel, SDPA,
+    does not return its weights); before attention dropout, i.e. the weights of eval mode.
+
+    Args:
+        attention: a fusion layer's ``crossattention``.
+        hidden: ``[B, L, D]`` its input, the text states that form the queries.
+        image_tokens: ``[B, N, D_img]`` the keys' input.
+        image_mask: ``[B, N]``, 1 for real image tokens; None attends to all of them.
+
+    Returns:
+        ``[B, heads, L, N]``; each row sums to 1 over the image tokens.
+    """
+    cross = attention.self
+    (b, length, _), n, d = hidden.shape, image_tokens.shape[1], cross.attention_head_size
+    q = cross.query(hidden).view(b, length, -1, d).transpose(1, 2)  # [B, h, L, d]
+    k = cross.key(image_tokens).view(b, n, -1, d).transpose(1, 2)  # [B, h, N, d]
+    scores = q @ k.transpose(-1, -2) * cross.scaling
+    if image_mask is not None:
+        scores = scores.masked_fill(~image_mask.bool()[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
+def fuse_with_attention(
+    fusion: BertFusionEncoder,
+    text_hidden: Tensor,
+    attention_mask: Tensor,
+    image_tokens: Tensor,
+    image_mask: Tensor | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """:meth:`BertFusionEncoder.forward`, and what each layer's cross-attention looked at.
+
+    The fused states are the encoder's own output (the forward pass is the usual one); the
+    weights are recomputed by :func:`cross_attention_weights` from the very inputs each
+    cross-attention sub-layer received in that pass.
+
+    Returns:
+        (fused ``[B, L, D]``, one ``[B, heads, L, N]`` weight tensor per fusion layer: word ->
+        image-token attention, rows summing to 1).
+    """
+    queries: list[Tensor] = []
+    hooks = [
+        layer.crossattention.register_forward_pre_hook(lambda _, args: queries.append(args[0]))
+        for layer in fusion.layer
+    ]
+    try:
+        fused = fusion(text_hidden, attention_mask, image_tokens, image_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = [
+        cross_attention_weights(layer.crossattention, q, image_tokens, image_mask)
+        for layer, q in zip(fusion.layer, queries, strict=True)
+    ]
+    return fused, weights
