@@ -29,16 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from cmpagl import rerank as rr
-from cmpagl.checkpoint import git_commit
+from cmpagl.checkpoint import META_FILE, git_commit
 from cmpagl.config import ExperimentConfig, RetrievalConfig, check_experiment, to_dict
 from cmpagl.data.build import dataset_from_config, transforms_from_config
 from cmpagl.fileio import atomic_write
 from cmpagl.metrics import (
+    DEFAULT_KS,
     RetrievalRanks,
+    TieRanks,
     oracle_upper_bound,
     ranks_to_metrics,
     retrieval_ranks,
@@ -480,3 +483,152 @@ def _save(
     text = json.dumps(result, indent=1)
     atomic_write(files["results"], lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Reading an evaluation back, the chance level, and paired differences between re-rankers
+# --------------------------------------------------------------------------------------------
+def saved_evaluation(
+    out_dir: str | os.PathLike[str],
+    split: str,
+    checkpoint: str | os.PathLike[str],
+    cfg: ExperimentConfig,
+    rerankers: Sequence[str],
+) -> dict[str, Any] | None:
+    """The evaluation in ``out_dir`` if it answers :func:`evaluate_model` for this checkpoint.
+
+    It answers when ``results_<split>.json`` and ``scores_<split>.pt`` are both there, the
+    result was written after the checkpoint's ``meta.json``, on the same dataset
+    (``data.name``), with the same retrieval settings (every grid) and with every re-ranker of
+    ``rerankers``. The same test as :func:`cmpagl.runs.evaluate_best` uses, plus the scores file.
+
+    Returns:
+        The content of ``results_<split>.json``, or None.
+    """
+    out, names = Path(out_dir), _check_rerankers(rerankers)
+    results, scores = out / f"results_{split}.json", out / f"scores_{split}.pt"
+    meta = Path(checkpoint) / META_FILE
+    if not (results.is_file() and scores.is_file() and meta.is_file()):
+        return None
+    if results.stat().st_mtime < meta.stat().st_mtime:
+        return None
+    try:
+        res = json.loads(results.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    saved = res.get("config", {})
+    same = (
+        res.get("split") == split
+        and saved.get("retrieval") == json.loads(json.dumps(to_dict(cfg.retrieval)))
+        and saved.get("data", {}).get("name") == cfg.data.name
+    )
+    return res if same and set(names) <= set(res.get("metrics", {})) else None
+
+
+def evaluate_or_read(
+    model: CMPAGL,
+    cfg: ExperimentConfig,
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    split: str = "test",
+    rerankers: Sequence[str] = DEFAULT_RERANKERS,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Any], bool]:
+    """:func:`saved_evaluation` if there is one, else :func:`evaluate_model` into ``out_dir``.
+
+    Args:
+        model: the model loaded from ``checkpoint`` (only run when no evaluation answers).
+        checkpoint: the checkpoint folder the model came from (``<run>/best``).
+        out_dir: where the evaluation is read from, or written to (the run folder).
+
+    Returns:
+        ``(result dict, whether it was read from an earlier evaluation)``.
+    """
+    saved = saved_evaluation(out_dir, split, checkpoint, cfg, rerankers)
+    if saved is not None:
+        return saved, True
+    res = evaluate_model(
+        model, cfg, split, rerankers, device=device, checkpoint=str(checkpoint), out_dir=out_dir
+    )
+    return res, False
+
+
+def query_hits(stats: dict[str, Tensor], ks: Sequence[int] = DEFAULT_KS) -> tuple[Tensor, Tensor]:
+    """Per-query exact hit probabilities of one re-ranker from its saved rank statistics.
+
+    Args:
+        stats: ``scores_<split>.pt["ranks"][<re-ranker>]`` (``i2t_counts`` [4, N_img] and
+            ``t2i_counts`` [4, N_txt]: above, tied_neg, tied_pos, index_ahead).
+
+    Returns:
+        (image->text [N_img, len(ks)], text->image [N_txt, len(ks)]) float64: P(rank < K).
+    """
+    i2t, t2i = (TieRanks(*stats[f"{d}_counts"].long()) for d in ("i2t", "t2i"))
+    return i2t.hit_probability(ks), t2i.hit_probability(ks)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``r_mean`` of re-ranker a minus that of b on the same queries, with a bootstrap interval.
+
+    ``diff`` is the difference on the split itself; (``low``, ``high``) the percentile interval
+    at ``level`` from ``n_boot`` resamples of the images.
+    """
+
+    diff: float
+    low: float
+    high: float
+    level: float
+    n_boot: int
+
+    @property
+    def resolved(self) -> bool:
+        """Does the interval exclude 0 (a measurable difference on this split)?"""
+        return self.low > 0 or self.high < 0
+
+
+def r_mean_difference(
+    stats_a: dict[str, Tensor],
+    stats_b: dict[str, Tensor],
+    txt2img: Sequence[int] | np.ndarray | Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """Paired difference in ``r_mean`` of two re-rankers, and how far the test queries carry it.
+
+    The images of the split are resampled with replacement, each with all its captions (the
+    captions of one image are not independent queries); a resample's ``r_mean`` averages the
+    image->text hits of its images and the text->image hits of their captions, exactly as
+    :func:`cmpagl.metrics.recall_at_k` does on the whole split. Both re-rankers see the same
+    resamples. The gallery is kept fixed: this measures the sampling of the queries, not of the
+    seed or of the training.
+
+    Args:
+        stats_a, stats_b: saved rank statistics (see :func:`query_hits`).
+        txt2img: [N_txt] int, the image of each caption.
+        n_boot: resamples; level: coverage of the percentile interval; seed: of the resampling.
+    """
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot=}, {level=}")
+    (ia, ta), (ib, tb) = query_hits(stats_a, ks), query_hits(stats_b, ks)
+    t2i = torch.as_tensor(np.asarray(txt2img), dtype=torch.long).flatten()
+    n_img = ia.shape[0]
+    if ib.shape != ia.shape or ta.shape != tb.shape or t2i.numel() != ta.shape[0]:
+        raise ValueError("the two re-rankers' statistics and txt2img describe different splits")
+    d_i2t = ia - ib  # [N_img, K]
+    d_t2i = torch.zeros(n_img, len(ks), dtype=torch.float64).index_add_(0, t2i, ta - tb)
+    count = torch.bincount(t2i, minlength=n_img).double()  # captions per image
+
+    def r_mean(idx: Tensor) -> Tensor:  # idx [B, N_img] -> [B]
+        txt = d_i2t[idx].mean(1)
+        img = d_t2i[idx].sum(1) / count[idx].sum(1, keepdim=True)
+        return torch.cat([txt, img], dim=1).mean(1) * 100.0
+
+    gen = torch.Generator().manual_seed(seed)
+    boot = r_mean(torch.randint(n_img, (n_boot, n_img), generator=gen))
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(boot, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    diff = float(r_mean(torch.arange(n_img)[None])[0])
+    return PairedDifference(diff, float(low), float(high), level, n_boot)

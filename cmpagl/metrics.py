@@ -650,23 +650,33 @@ def evaluate_retrieval(
 # Chance level
 # --------------------------------------------------------------------------------------------
 def chance_recall(
-    n_images: int, captions_per_image: int, ks: Sequence[int] = DEFAULT_KS
+    txt2img: Sequence[int] | np.ndarray | torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_img: int | None = None,
 ) -> dict[str, float]:
-    """Expected recalls (%) of a ranking drawn uniformly at random, in the keys of
-    :func:`recall_at_k`: text → image R@K = K / N_img (one ground-truth image per caption);
-    image → text R@K = 1 − C(N_txt − c, K) / C(N_txt, K), the chance that at least one of an
-    image's c captions is among K of N_txt = c · N_img.
+    """Expected recall of a random ranking, in percent, ``chance_*`` keys (beside ``oracle_*``).
 
-    The level a recall table should be read against: UCM's test split (160 images, 5 captions
-    each) gives mR ≈ 3.3 by chance.
+    A model whose scores all tie ranks every query's candidates in a uniformly random order, so
+    the exact tie rule of :mod:`cmpagl.metrics` gives its recall in closed form: image->text,
+    ``1 - C(N_txt - p, K) / C(N_txt, K)`` for an image with p captions; text->image
+    ``K / N_img``. Equal to ``recall_at_k(zeros(N_img, N_txt), txt2img)`` without the matrix.
+
+    Args:
+        txt2img: [N_txt] int, the image of each caption (every image needs a caption).
+        n_img: the number of images (default: the largest index + 1).
     """
-    from math import comb
-
-    ks = _check_ks(ks)
-    n_txt = n_images * captions_per_image
-    txt = [100.0 * (1.0 - comb(n_txt - captions_per_image, k) / comb(n_txt, k)) for k in ks]
-    img = [100.0 * min(k, n_images) / n_images for k in ks]
-    out = {f"txt_r{k}": v for k, v in zip(ks, txt, strict=True)}
-    out.update({f"img_r{k}": v for k, v in zip(ks, img, strict=True)})
-    out["r_mean"] = (sum(txt) + sum(img)) / (2 * len(ks))
+    t2i = torch.as_tensor(np.asarray(txt2img), dtype=torch.long).flatten()
+    n_img = int(t2i.max()) + 1 if n_img is None else int(n_img)
+    own = torch.bincount(t2i, minlength=n_img)
+    if t2i.numel() == 0 or int(t2i.min()) < 0 or len(own) != n_img or bool((own == 0).any()):
+        raise ValueError(f"txt2img must give each of the {n_img} images at least one caption")
+    # Every candidate tied: an image's own captions among all N_txt, a caption's image among
+    # all N_img.
+    by_image = TieRanks(torch.zeros_like(own), t2i.numel() - own, own)
+    none, one = torch.zeros_like(t2i), torch.ones_like(t2i)
+    by_caption = TieRanks(none, one * (n_img - 1), one)
+    txt, img = (r.hit_probability(ks).mean(0) * 100.0 for r in (by_image, by_caption))
+    out = {f"chance_txt_r{k}": float(v) for k, v in zip(ks, txt, strict=True)}
+    out.update({f"chance_img_r{k}": float(v) for k, v in zip(ks, img, strict=True)})
+    out["chance_r_mean"] = float(torch.cat([txt, img]).mean())
     return out

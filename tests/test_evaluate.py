@@ -259,3 +259,95 @@ def test_identical_captions_get_identical_text_features(small_synthetic, model):
             assert torch.equal(emb.text_embed[i], emb.text_embed[j])
             assert torch.equal(emb.text_hidden[i], emb.text_hidden[j])
     assert repeated > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Reading an evaluation back, the chance level, paired differences (the retrieval chapter)
+# --------------------------------------------------------------------------------------------
+def test_evaluate_or_read_reads_only_an_evaluation_that_answers(run, cfg, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    result, out, _ = run
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    (checkpoint / "meta.json").write_text("{}")
+    written = (out / "results_test.json").stat().st_mtime
+    os.utime(checkpoint / "meta.json", (written - 60, written - 60))  # trained before
+    calls = []
+
+    def evaluate(model, cfg, split, rerankers, **kwargs):
+        calls.append((split, tuple(rerankers), kwargs))
+        return {"evaluated": True}
+
+    monkeypatch.setattr(ev, "evaluate_model", evaluate)
+    got, was_read = ev.evaluate_or_read(None, cfg, checkpoint, out, "test", ALL)
+    assert was_read and got == json.loads(json.dumps(result)) and not calls
+    assert ev.evaluate_or_read(None, cfg, checkpoint, out, "test", ("none", "smr"))[1]
+    # a checkpoint newer than the result, other grids, another split: evaluated again
+    other = dataclasses.replace(
+        cfg, retrieval=dataclasses.replace(cfg.retrieval, smr_grid_k=(2, 5, 10))
+    )
+    assert ev.evaluate_or_read(None, other, checkpoint, out, "test", ALL) == (
+        {"evaluated": True},
+        False,
+    )
+    assert not ev.evaluate_or_read(None, cfg, checkpoint, out, "val", ALL)[1]
+    os.utime(checkpoint / "meta.json", (written + 60, written + 60))
+    assert not ev.evaluate_or_read(None, cfg, checkpoint, out, "test", ALL)[1]
+    split, names, kwargs = calls[-1]
+    assert (split, names) == ("test", ALL)
+    assert kwargs["checkpoint"] == str(checkpoint) and kwargs["out_dir"] == out
+    # a result without its scores file does not answer (the chapter reads the matrices)
+    os.utime(checkpoint / "meta.json", (written - 60, written - 60))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy2(out / "results_test.json", alone / "results_test.json")
+    assert ev.saved_evaluation(alone, "test", checkpoint, cfg, ALL) is None
+    assert ev.saved_evaluation(out, "test", checkpoint, cfg, ALL) is not None
+
+
+def naive_bootstrap_r_mean(hits, txt2img, idx) -> float:
+    """r_mean of one resample of images (loops): their image->text hits, their captions'
+    text->image hits, the six recalls averaged."""
+    i2t, t2i = hits
+    ks = range(i2t.shape[1])
+    txt = [sum(float(i2t[i, k]) for i in idx) / len(idx) for k in ks]
+    caps = [c for i in idx for c in np.flatnonzero(txt2img == i)]
+    img = [sum(float(t2i[c, k]) for c in caps) / len(caps) for k in ks]
+    return 100 * (sum(txt) + sum(img)) / (2 * len(ks))
+
+
+def test_r_mean_difference_is_a_paired_bootstrap_over_images(run):
+    result, out, _ = run
+    saved = torch.load(out / "scores_test.pt")
+    ranks, txt2img = saved["ranks"], saved["txt2img"].numpy()
+    metrics = result["metrics"]
+    d = ev.r_mean_difference(ranks["dual_softmax"], ranks["none"], txt2img, n_boot=50, seed=3)
+    expected = metrics["dual_softmax"]["r_mean"] - metrics["none"]["r_mean"]
+    assert d.diff == pytest.approx(expected, abs=1e-9)
+    # the interval: quantiles of the same resamples computed with loops
+    hits = {n: ev.query_hits(ranks[n]) for n in ("dual_softmax", "none")}
+    idx = torch.randint(10, (50, 10), generator=torch.Generator().manual_seed(3))
+    boot = [
+        naive_bootstrap_r_mean(hits["dual_softmax"], txt2img, row.tolist())
+        - naive_bootstrap_r_mean(hits["none"], txt2img, row.tolist())
+        for row in idx
+    ]
+    low, high = np.quantile(boot, [0.025, 0.975])
+    assert (d.low, d.high) == (pytest.approx(low), pytest.approx(high))
+    # a re-ranker against itself: nothing to resolve
+    same = ev.r_mean_difference(ranks["none"], ranks["none"], txt2img, n_boot=20)
+    assert (same.diff, same.low, same.high, same.resolved) == (0.0, 0.0, 0.0, False)
+    # a perfect re-ranker against one that never hits: 100 points, whatever the resample
+    n_img, n_txt = len(hits["none"][0]), len(txt2img)
+    zeros = {f"{side}_counts": torch.zeros(4, n) for side, n in (("i2t", n_img), ("t2i", n_txt))}
+    perfect = {k: v.index_fill(0, torch.tensor([2]), 1) for k, v in zeros.items()}
+    never = {
+        k: v.index_fill(0, torch.tensor([0]), 1000).index_fill(0, torch.tensor([2]), 1)
+        for k, v in zeros.items()
+    }
+    far = ev.r_mean_difference(perfect, never, txt2img, n_boot=20)
+    assert (far.diff, far.low, far.high, far.resolved) == (100.0, 100.0, 100.0, True)
+    with pytest.raises(ValueError, match="different splits"):
+        ev.r_mean_difference(ranks["none"], ranks["none"], txt2img[:-1])

@@ -497,16 +497,18 @@ def test_retrieval_ranks_once_per_direction_give_every_key():
         m.retrieval_ranks(a, t2i, scores_t2i=b[:, :2])
 
 
-def test_chance_recall_is_the_expected_recall_of_an_all_tied_matrix():
-    """With every score equal, the tie-aware expected recall is a uniform random ranking's:
-    the chance level, computed independently by counting."""
-    from cmpagl.metrics import chance_recall, recall_at_k
-
-    n_img, c = 12, 3
-    txt2img = torch.arange(n_img).repeat_interleave(c)
-    tied = recall_at_k(torch.zeros(n_img, n_img * c), txt2img, ks=(1, 5, 10))
-    chance = chance_recall(n_img, c, ks=(1, 5, 10))
-    assert chance.keys() == tied.keys()
-    for key in chance:
-        assert chance[key] == pytest.approx(tied[key], abs=1e-9), key
-    assert chance_recall(160, 5)["img_r10"] == pytest.approx(100 * 10 / 160)
+def test_chance_recall_is_the_recall_of_a_constant_matrix():
+    txt2img = np.array([0, 0, 1, 2, 2, 2, 3, 3, 3, 3, 3])  # 1 to 5 captions per image
+    n_img, n_txt = 4, len(txt2img)
+    ks = (1, 2, 5, 10)
+    got = m.chance_recall(txt2img, ks)
+    flat = m.recall_at_k(torch.zeros(n_img, n_txt), txt2img, ks)  # every candidate tied
+    assert got == pytest.approx({f"chance_{k}": v for k, v in flat.items()}, abs=1e-9)
+    for k in ks:  # closed forms
+        miss = [math.comb(n_txt - p, k) / math.comb(n_txt, k) for p in np.bincount(txt2img)]
+        assert got[f"chance_txt_r{k}"] == pytest.approx(100 * (1 - np.mean(miss)))
+        assert got[f"chance_img_r{k}"] == pytest.approx(100 * min(1.0, k / n_img))
+    with pytest.raises(ValueError, match="at least one caption"):
+        m.chance_recall([0, 0, 2])  # image 1 has none
+    with pytest.raises(ValueError, match="at least one caption"):
+        m.chance_recall([0, 1, 2], n_img=2)
