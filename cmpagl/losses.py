@@ -39,6 +39,7 @@ __all__ = [
     "itc_loss",
     "itm_hard_negatives",
     "itm_loss",
+    "itm_negative_probs",
     "itm_pairs",
     "mlm_loss",
     "optimized_triplet_loss",
@@ -541,3 +542,39 @@ def combine_losses(terms: Mapping[str, Tensor], cfg: LossConfig) -> tuple[Tensor
     logs = {name: float(value.detach()) for name, value in terms.items()}
     logs["total"] = float(total.detach())
     return total, logs
+
+
+# ----------------------------------------------------------------------------------------------
+# ITM: the sampling distribution, for inspection
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def itm_negative_probs(sim_i2t: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The probabilities with which :func:`itm_hard_negatives` draws each hard negative.
+
+    Row i of the first matrix is image i's distribution over the texts of the batch,
+    ``P(t_j) = exp s(i, t_j) / Σ_k exp s(i, t_k)`` with j and k running over the captions of a
+    *different* image id, and 0 on the captions of image i itself; row t of the second is text
+    t's distribution over the images (column t of ``sim_i2t``). These are the weights the sampler
+    draws from, so ``torch.multinomial`` on them with the same generator repeats its draws.
+
+    Args:
+        sim_i2t: [B, B] logits, row i = image i, column j = text j (ITC logits s = v·t/τ).
+        image_ids: [B] image id of each pair.
+
+    Returns:
+        ``(p_text, p_image)``: two [B, B] tensors (float32 at least) whose rows sum to 1; a row
+        without any valid negative (every pair shows the same image) is all 0, where the sampler
+        returns ``-1``.
+    """
+    batch = image_ids.shape[0]
+    if sim_i2t.shape != (batch, batch):
+        raise ValueError(f"sim_i2t: expected shape [{batch}, {batch}], got {list(sim_i2t.shape)}")
+    neg = image_ids.view(-1, 1) != image_ids.view(1, -1)  # [B, B], symmetric
+    has_neg = neg.any(dim=1, keepdim=True)
+    logits = sim_i2t.detach().to(torch.promote_types(sim_i2t.dtype, torch.float32))
+
+    def probs(scores: Tensor) -> Tensor:
+        weights = F.softmax(scores.masked_fill(~neg, -math.inf), dim=1)
+        return torch.where(has_neg, weights, 0.0)  # all-masked rows are NaN after the softmax
+
+    return probs(logits), probs(logits.t())

@@ -21,6 +21,7 @@ from cmpagl.losses import (
     itc_loss,
     itm_hard_negatives,
     itm_loss,
+    itm_negative_probs,
     mlm_loss,
     optimized_triplet_loss,
     triplet_loss,
@@ -438,3 +439,41 @@ def test_nothing_touches_torch_distributed(monkeypatch):
     itc_loss(img, txt, IDS, 0.07)
     optimized_triplet_loss(img, txt, IDS)
     itm_hard_negatives(img @ txt.t(), IDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# ITM sampling probabilities
+# ----------------------------------------------------------------------------------------------
+def test_itm_negative_probs_match_naive_masked_softmax():
+    sim = 3.0 * unit(7, 7, seed=50)  # asymmetric: rows and columns differ
+    p_text, p_image = itm_negative_probs(sim, IDS)
+    s = sim.tolist()
+    for a in range(7):
+        valid = [j for j in range(7) if IDS[j] != IDS[a]]
+        for direction, probs in (("i2t", p_text), ("t2i", p_image)):
+            logits = {j: s[a][j] if direction == "i2t" else s[j][a] for j in valid}
+            z = sum(math.exp(x) for x in logits.values())
+            want = [math.exp(logits[j]) / z if j in logits else 0.0 for j in range(7)]
+            assert probs[a].tolist() == pytest.approx(want, abs=TOL), (direction, a)
+
+
+def test_itm_negative_probs_are_what_the_sampler_draws_from():
+    # The same generator state through multinomial on the probabilities repeats the draws.
+    for seed in range(5):
+        sim = unit(7, 7, seed=60 + seed) * 5
+        neg_t, neg_i = itm_hard_negatives(sim, IDS, generator=torch.Generator().manual_seed(seed))
+        p_text, p_image = itm_negative_probs(sim, IDS)
+        gen = torch.Generator().manual_seed(seed)
+        assert torch.equal(neg_t, torch.multinomial(p_text, 1, generator=gen).squeeze(1))
+        assert torch.equal(neg_i, torch.multinomial(p_image, 1, generator=gen).squeeze(1))
+
+
+def test_itm_negative_probs_without_valid_negative_are_zero():
+    p_text, p_image = itm_negative_probs(unit(4, 4, seed=70), torch.full((4,), 2))
+    assert not p_text.isnan().any() and p_text.abs().sum() == 0 and p_image.abs().sum() == 0
+    half = torch.tensor([0, 0, 1, 1])  # every row has a negative: rows sum to 1
+    p_text, p_image = itm_negative_probs(unit(4, 4, seed=71), half)
+    assert torch.allclose(p_text.sum(1), torch.ones_like(p_text[:, 0]))
+    assert (p_text[:2, :2] == 0).all() and (p_image[2:, 2:] == 0).all()
+    with pytest.raises(ValueError, match=r"sim_i2t: expected shape \[4, 4\]"):
+        itm_negative_probs(torch.zeros(3, 4), half)
