@@ -8,6 +8,7 @@ import json
 import pytest
 from test_train_notebook import small_parameters
 
+
 def _executed_chapters(tmp) -> str:
     """Two executed chapters as papermill leaves them (their run time in the metadata)."""
     folder = tmp / "executed"
@@ -33,27 +34,9 @@ SMALL = {
         "batch_size": 4,
         "model_dir": str(run),
     },
-    "03_train_and_retrieve.ipynb": lambda tmp, synthetic: {
-        "max_steps": 3,
-        "batch_size": 8,
-        "output_dir": str(tmp / "run"),
-        "overrides": [
-            f"data.root={synthetic}",
-            "data.image_size=64",
-            "data.synthetic_n_train=40",
-            "data.synthetic_n_val=10",
-            "data.synthetic_n_test=10",
-            "data.synthetic_seed=3",
-            "model.gswin.img_size=64",
-            "model.gswin.embed_dim=16",
-            "model.gswin.depths=[2,2]",
-            "model.gswin.num_heads=[2,4]",
-            "model.queue_size=32",
-            "retrieval.itm_k=4",
-            "retrieval.smr_grid_tau=[0.05]",
-            "retrieval.smr_grid_k=[5]",
-            "retrieval.smr_grid_lambda=[0.1]",
-        ],
+    "03_train_and_retrieve.ipynb": lambda tmp, synthetic, run: {
+        "model_dir": str(run),
+        "n_boot": 200,
     },
     # reads the committed results/ (no training), so the defaults are already small
     "04_seed_tables.ipynb": lambda tmp, synthetic: {},

@@ -40,6 +40,10 @@ def tiny_overrides(synthetic: Path) -> list[str]:
         "retrieval.smr_grid_tau=[0.05]",
         "retrieval.smr_grid_k=[5]",
         "retrieval.smr_grid_lambda=[0.1]",
+        "retrieval.galr_grid_k=[2,5]",
+        "retrieval.galr_grid_wp1=[0.5]",
+        "retrieval.galr_grid_wp2=[0.7]",
+        "retrieval.galr_grid_decay=[0.05]",
     ]
 
 
