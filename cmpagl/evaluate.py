@@ -500,7 +500,7 @@ def saved_evaluation(
     It answers when ``results_<split>.json`` and ``scores_<split>.pt`` are both there, the
     result was written after the checkpoint's ``meta.json``, on the same dataset
     (``data.name``), with the same retrieval settings (every grid) and with every re-ranker of
-    ``rerankers``. The same test as :func:`cmpagl.runs.evaluate_best` uses, plus the scores file.
+    ``rerankers``. :func:`cmpagl.runs.evaluate_best` reuses an evaluation by this test too.
 
     Returns:
         The content of ``results_<split>.json``, or None.

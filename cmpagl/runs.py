@@ -409,19 +409,6 @@ def _check_rerankers(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _reusable(path: Path, best: Path, names: Sequence[str], cfg: ExperimentConfig) -> dict | None:
-    """A ``results_test.json`` written after ``best/`` with these re-rankers and retrieval
-    settings answers the evaluation already; None otherwise."""
-    if not path.is_file() or path.stat().st_mtime < (best / "meta.json").stat().st_mtime:
-        return None
-    with contextlib.suppress(ValueError):
-        res = json.loads(path.read_text(encoding="utf-8"))
-        same = res.get("config", {}).get("retrieval") == _json_plain(to_dict(cfg.retrieval))
-        if same and set(names) <= set(res.get("metrics", {})):
-            return res
-    return None
-
-
 def evaluate_best(plan: RunPlan, split: str = "test") -> tuple[dict[str, Any], bool]:
     """Evaluate ``best/`` (chosen on validation) on ``split`` with ``plan.rerankers``.
 
@@ -438,13 +425,13 @@ def evaluate_best(plan: RunPlan, split: str = "test") -> tuple[dict[str, Any], b
     from cmpagl.checkpoint import find_checkpoint, load_checkpoint
 
     with _quiet_imports():
-        from cmpagl.evaluate import evaluate_model
+        from cmpagl.evaluate import evaluate_model, saved_evaluation
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val' (tuning), got {split!r}")
     names = plan.rerankers or default_rerankers(plan.cfg)
     best = find_checkpoint(plan.output_dir, prefer="best")
-    earlier = _reusable(plan.output_dir / f"results_{split}.json", best, names, plan.cfg)
+    earlier = saved_evaluation(plan.output_dir, split, best, plan.cfg, names)
     if earlier is not None:
         return earlier, True
     model, _, _ = load_checkpoint(best)
