@@ -43,6 +43,7 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "WeightsMismatch",
     "copy_checkpoint",
     "find_checkpoint",
     "git_commit",
@@ -52,6 +53,7 @@ __all__ = [
     "save_checkpoint",
     "saved_checkpoints",
     "save_model_weights",
+    "weights_mismatch",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -65,6 +67,10 @@ _ALIASES_KEY = "cmpagl_aliases"  # safetensors metadata: {"dropped name": "store
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or damaged; the message says which and why."""
+
+
+class WeightsMismatch(CheckpointError):
+    """A checkpoint's weights were made for another architecture than the model given."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,27 +116,39 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"{path}: cannot read the weights ({err})") from err
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in tensors and tensors[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model: missing {_few(missing)}, unexpected "
-            f"{_few(unexpected)}, shape mismatches {_few(shapes)}"
-        )
+    problem = weights_mismatch(model.state_dict(), tensors)
+    if problem:
+        raise WeightsMismatch(f"{path}: the weights do not fit the model: {problem}")
     model.load_state_dict(tensors, strict=True)
 
 
-def _few(items: list[str], n: int = 5) -> str:
-    if not items:
-        return "none"
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
+def weights_mismatch(own: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> str | None:
+    """Why ``saved`` tensors do not fit a model's state dict ``own``, in one line that names the
+    first difference in the model's order (a key and both shapes), then how many differ; None
+    when every key and shape matches."""
+    shapes = {k for k in own if k in saved and saved[k].shape != own[k].shape}
+    missing = {k for k in own if k not in saved}
+    unexpected = {k for k in saved if k not in own}
+    if not (shapes or missing or unexpected):
+        return None
+    first = next(k for k in [*own, *saved] if k in shapes | missing | unexpected)
+    if first in shapes:
+        mine, theirs = tuple(own[first].shape), tuple(saved[first].shape)
+        what = f"{first} is {theirs} in the checkpoint, {mine} in the model"
+    elif first in missing:
+        what = f"{first} {tuple(own[first].shape)} is in the model, not in the checkpoint"
+    else:
+        what = f"{first} {tuple(saved[first].shape)} is in the checkpoint, not in the model"
+    counts = [
+        f"{len(items)} {text}"
+        for items, text in (
+            (shapes, "shapes differ"),
+            (missing, "keys only in the model"),
+            (unexpected, "keys only in the checkpoint"),
+        )
+        if items
+    ]
+    return f"first mismatch: {what} ({', '.join(counts)})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,10 +386,40 @@ def load_checkpoint(
     """
     folder = find_checkpoint(path, prefer)
     cfg = _read_config(folder)
+    built = model is None
     if model is None:
         model = _build_for(cfg, folder / MODEL_FILE)
-    load_model_weights(model, folder / MODEL_FILE)
+    try:
+        load_model_weights(model, folder / MODEL_FILE)
+    except WeightsMismatch as err:
+        raise WeightsMismatch(f"{err}; {_architecture_hint(cfg, model, folder, built)}") from err
     return model, cfg, _read_state(folder, map_location)
+
+
+def _architecture_hint(cfg: ExperimentConfig, model: nn.Module, folder: Path, built: bool) -> str:
+    """What to do about weights that do not fit: the ``model.*`` settings that differ between
+    the checkpoint's config and the model's, when the model says what it was built from."""
+    if built:
+        return f"{folder / CONFIG_FILE} does not describe these weights (was either file replaced?)"
+    own_cfg = getattr(model, "cfg", None)
+    if own_cfg is None or type(own_cfg) is not type(cfg.model):
+        return f"the checkpoint was made with the model settings in {folder / CONFIG_FILE}"
+
+    def flat(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+
+    saved, asked = flat(to_dict(cfg.model), "model"), flat(to_dict(own_cfg), "model")
+    diff = [
+        f"{k} ({saved.get(k)!r} in the checkpoint, {asked.get(k)!r} in the config)"
+        for k in saved
+        if saved.get(k) != asked.get(k)
+    ]
+    if not diff:
+        return f"the checkpoint was made with the model settings in {folder / CONFIG_FILE}"
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return f"the checkpoint's model settings differ in {', '.join(diff[:3])}{more}"
 
 
 def _build_for(cfg: ExperimentConfig, weights: Path) -> nn.Module:

@@ -54,15 +54,43 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_check(args: argparse.Namespace) -> int:
-    from cmpagl.data.validation import check_images
+def _image_reading(args: argparse.Namespace):
+    """The ``data.image_*`` rule ``data check`` reads images by, from its options."""
+    from cmpagl.config import ConfigError, DataConfig
+    from cmpagl.data.build import image_reading_from_config
 
+    cfg = DataConfig(
+        image_scaling=args.image_scaling,
+        image_percentiles=tuple(args.image_percentiles),
+        image_bits=args.image_bits,
+        image_bands=None if args.image_bands is None else tuple(args.image_bands),
+    )
+    try:
+        return image_reading_from_config(cfg)
+    except ConfigError as e:  # name the option, not the config key
+        option = "--" + (e.key or "").removeprefix("data.").replace("_", "-")
+        raise _UsageError(str(e).replace(e.key or "", option, 1)) from e
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cmpagl.data.validation import check_images, describe_kinds
+
+    reading = _image_reading(args)
     ds = _load(args)
-    check_images(ds, decode=not args.no_decode)
+    with warnings.catch_warnings():  # the notes on bands and ranges are in the kinds below
+        warnings.simplefilter("ignore", UserWarning)
+        kinds = check_images(ds, decode=not args.no_decode, reading=reading)
     print(
         f"ok: {ds!r}; all {ds.num_images} image files present"
         + ("" if args.no_decode else " and readable")
     )
+    rows = describe_kinds(kinds)
+    if len(rows) == 1:
+        print(f"image kinds: {rows[0]}")
+    elif rows:
+        print("image kinds:\n" + "\n".join(f"  {row}" for row in rows))
     return 0
 
 
@@ -188,7 +216,11 @@ def _describe_choice(choice: dict) -> str:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from cmpagl.data.build import dataset_from_config, transforms_from_config
+    from cmpagl.data.build import (
+        dataset_from_config,
+        image_reading_from_config,
+        transforms_from_config,
+    )
     from cmpagl.data.validation import load_image
     from cmpagl.retrieval import embed_split, search_by_image, search_by_text
 
@@ -203,7 +235,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         hits = search_by_text(model, emb, ds, args.text, args.top)
         print(f"images of the {args.split} split for: {args.text!r}")
     else:
-        image = transform(load_image(args.image)).to(device)
+        image = transform(load_image(args.image, image_reading_from_config(cfg.data))).to(device)
         hits = search_by_image(model, emb, image, args.top)
         print(f"captions of the {args.split} split for image {args.image}")
     for rank, hit in enumerate(hits, 1):
@@ -280,6 +312,41 @@ def _add_train_parsers(sub) -> None:
             p.set_defaults(func=cmd_retrieve)
 
 
+def _add_image_reading_args(p: argparse.ArgumentParser) -> None:
+    """Options mirroring ``data.image_*``: how 16-bit, float and multi-band images are read."""
+    from cmpagl.config import DataConfig
+
+    d = DataConfig()
+    p.add_argument(
+        "--image-scaling",
+        choices=["percentile", "bits"],
+        default=d.image_scaling,
+        help="how images of more than 8 bits become 8-bit (data.image_scaling)",
+    )
+    p.add_argument(
+        "--image-percentiles",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=list(d.image_percentiles),
+        help="percentiles of the stretch (data.image_percentiles; default %(default)s)",
+    )
+    p.add_argument(
+        "--image-bits",
+        type=int,
+        default=d.image_bits,
+        help="bit depth for --image-scaling bits (data.image_bits; default %(default)s)",
+    )
+    p.add_argument(
+        "--image-bands",
+        type=int,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="band numbers (from 1) used as RGB for images of more than 3 bands "
+        "(data.image_bands; default 1 2 3)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmpagl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("check", help="validate annotations and image files")
     _add_dataset_args(p)
     p.add_argument("--no-decode", action="store_true", help="only check that files exist")
+    _add_image_reading_args(p)
     p.set_defaults(func=cmd_data_check)
 
     p = dsub.add_parser("synthetic", help="write the synthetic default dataset")

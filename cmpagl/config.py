@@ -124,6 +124,19 @@ class DataConfig:
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     # Per-channel normalisation std (ImageNet), matching pretrained Swin weights (§1.1).
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # How images of more than 8 bits per sample (16-bit, float; e.g. GeoTIFFs) become 8-bit:
+    # "percentile" stretches each image between two percentiles of its values (all bands
+    # together, keeping their balance); "bits" divides by the fixed range 2^image_bits - 1.
+    # 8-bit images are read as they are. Rules: cmpagl.data.images. [decision]
+    image_scaling: Literal["percentile", "bits"] = "percentile"
+    # Low and high percentile of the "percentile" stretch (mapped to 0 and 255).
+    image_percentiles: tuple[float, float] = (2.0, 98.0)
+    # Bit depth of the sensor's integers for image_scaling "bits" (e.g. 12 for 12-bit data
+    # stored in 16-bit words).
+    image_bits: int = 16
+    # Bands used as R, G, B for images with more than 3 bands, numbered from 1 as GDAL does
+    # (e.g. [4, 3, 2]); null takes bands 1, 2, 3 and says so once.
+    image_bands: tuple[int, int, int] | None = None
 
 
 @dataclass

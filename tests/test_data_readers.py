@@ -237,3 +237,61 @@ def test_the_image_folder_can_be_elsewhere(tmp_path, ucm_subset):
     shutil.copy(ucm_subset / "dataset.json", tmp_path / "dataset.json")
     ds = load_dataset(tmp_path, image_dir=ucm_subset / "images")
     check_images(ds.split("test"), decode=False)
+
+
+# ---- text files that are not UTF-8, JSON that is not JSON -------------------------------------
+def test_caption_file_not_utf8_names_the_byte_and_the_fix(tmp_path):
+    caps = "a plane near the runway\nthe café by a river\n".encode("latin1")
+    root = write_precomp(tmp_path, "test", ["x", "y"], ["a.png", "b.png"])
+    (root / "test_caps.txt").write_bytes(caps)
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert str(err.value).startswith(
+        f"{root / 'test_caps.txt'} is not UTF-8: byte 0xe9 at offset 31 (line 2); save it as "
+        "UTF-8, e.g. (if it is Latin-1) iconv -f latin1 -t utf-8 test_caps.txt > "
+    )
+    # the same text saved as UTF-8 (with a byte-order mark, as Windows editors write it) reads
+    (root / "test_caps.txt").write_bytes(b"\xef\xbb\xbf" + caps.decode("latin1").encode())
+    assert load_dataset(root).captions == [["a plane near the runway"], ["the café by a river"]]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "pattern"),
+    [
+        ("latin1", r"dataset\.json is not UTF-8: byte 0xe9 at offset \d+ .*iconv -f latin1"),
+        ("utf-16", r"dataset\.json is not UTF-8: byte 0xff at offset 0 .*UTF-16.*iconv -f utf-16"),
+    ],
+)
+def test_karpathy_json_not_utf8(tmp_path, encoding, pattern):
+    imgs = toy_images(2)
+    imgs[0]["sentences"][0]["raw"] = "une église près du fleuve"
+    text = json.dumps({"images": imgs}, ensure_ascii=False)
+    (tmp_path / "dataset.json").write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # a Python repr saved as .json: no '"images"' in it, once reported as "no dataset found"
+        ("{'images': []}", "Expecting property name enclosed in double quotes at line 1, column 2"),
+        (
+            '{\n "images": [\n  {"filename": "a.png", "split": "test",\n'
+            '   "sentences": [],}\n ]\n}',
+            "Expecting property name enclosed in double quotes at line 4, column 20",
+        ),
+        ("", "Expecting value at line 1, column 1"),
+    ],
+)
+def test_json_error_names_file_line_and_column(tmp_path, text, where):
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'dataset.json'} is not valid JSON: {where}"
+
+
+def test_a_broken_json_beside_a_good_one_is_not_blamed(tmp_path):
+    write_karpathy(tmp_path, toy_images(4))
+    (tmp_path / "notes.json").write_text("{'not': 'json'}")
+    assert load_dataset(tmp_path).num_images == 4

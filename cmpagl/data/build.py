@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cmpagl.config import DataConfig
+from cmpagl.config import ConfigError, DataConfig
 from cmpagl.data.dataset import CaptionDataset, DataError, split_off_val
+from cmpagl.data.images import ImageReading
 from cmpagl.data.readers import load_dataset
 
 __all__ = [
     "dataset_from_config",
+    "image_reading_from_config",
     "prepare_synthetic_dataset",
     "synthetic_dataset_problem",
     "transforms_from_config",
@@ -112,15 +114,36 @@ def dataset_from_config(cfg: DataConfig) -> CaptionDataset:
         empty_captions=cfg.empty_captions,
         check_images=cfg.check_images,
         captions_per_image=cfg.captions_per_image,
+        image_reading=image_reading_from_config(cfg),
     )
     if cfg.val_from_train:
         ds = split_off_val(ds, cfg.val_from_train, seed=0)  # fixed: the split is data, not a run
     return ds
 
 
+def image_reading_from_config(cfg: DataConfig) -> ImageReading:
+    """How the config's images that are not 8-bit RGB become 8-bit RGB (``data.image_*``).
+
+    Raises:
+        ConfigError: a value out of range, naming the key (e.g. percentiles not increasing).
+    """
+    try:
+        return ImageReading(
+            scaling=cfg.image_scaling,
+            percentiles=tuple(cfg.image_percentiles),
+            bits=cfg.image_bits,
+            bands=None if cfg.image_bands is None else tuple(cfg.image_bands),
+        )
+    except ValueError as e:  # ImageReading names the attribute first: "bits must be ..."
+        key = "data.image_" + str(e).split()[0]
+        raise ConfigError(f"{key} {str(e).split(maxsplit=1)[1]}", key=key) from e
+
+
 def transforms_from_config(cfg: DataConfig):
-    """``(train_transform, eval_transform)`` for a data config (see :mod:`.transforms`)."""
-    from cmpagl.data.transforms import build_eval_transform, build_train_transform
+    """``(train_transform, eval_transform)`` for a data config (see :mod:`.transforms`), each a
+    :class:`~cmpagl.data.transforms.ReadingTransform` carrying the config's image reading rule
+    to the datasets that read the files."""
+    from cmpagl.data.transforms import ReadingTransform, build_eval_transform, build_train_transform
 
     train = build_train_transform(
         cfg.image_size,
@@ -131,4 +154,6 @@ def transforms_from_config(cfg: DataConfig):
         cfg.normalize_mean,
         cfg.normalize_std,
     )
-    return train, build_eval_transform(cfg.image_size, cfg.normalize_mean, cfg.normalize_std)
+    evaluation = build_eval_transform(cfg.image_size, cfg.normalize_mean, cfg.normalize_std)
+    reading = image_reading_from_config(cfg)
+    return ReadingTransform(train, reading), ReadingTransform(evaluation, reading)

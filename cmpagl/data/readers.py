@@ -14,9 +14,12 @@ import json
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cmpagl.data.dataset import SPLIT_ALIASES, SPLITS, CaptionDataset, DataError, _first
+
+if TYPE_CHECKING:
+    from cmpagl.data.images import ImageReading
 
 Format = Literal["auto", "karpathy", "precomp"]
 EmptyCaptions = Literal["error", "drop"]
@@ -38,9 +41,12 @@ def detect_format(root: str | Path) -> tuple[str, Path]:
         return "precomp", root
     candidates = sorted(root.glob("*.json"))
     preferred = [p for p in candidates if p.name.startswith("dataset")]
-    for path in preferred + [p for p in candidates if p not in preferred]:
+    ordered = preferred + [p for p in candidates if p not in preferred]
+    for path in ordered:
         if _looks_karpathy(path):
             return "karpathy", path
+    for path in ordered:  # none looks right: a file that is not JSON at all is the likely cause
+        _parse_json(path)
     raise DataError(
         f"no dataset found in {str(root)!r}: expected a Karpathy JSON (e.g. dataset.json with "
         f"'images') or precomp files ({{split}}_caps.txt + {{split}}_filename.txt)"
@@ -48,10 +54,44 @@ def detect_format(root: str | Path) -> tuple[str, Path]:
 
 
 def _looks_karpathy(path: Path) -> bool:
-    # Cheap check on the head of the file so a large unrelated JSON is not parsed twice.
-    with open(path, encoding="utf-8") as f:
+    # Cheap check on the head of the file so a large unrelated JSON is not parsed twice; bytes,
+    # so a file that is not UTF-8 gets read_karpathy's message rather than a decode error here.
+    with open(path, "rb") as f:
         head = f.read(4096)
-    return '"images"' in head
+    return b'"images"' in head
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content (a leading byte-order mark dropped).
+
+    Raises:
+        DataError: the file is not UTF-8; the message names the byte, its offset and line, and
+            the command that converts the file.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        source = "utf-16" if utf16 else "latin1"
+        guess = "it looks like UTF-16" if utf16 else "if it is Latin-1"
+        raise DataError(
+            f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}); "
+            f"save it as UTF-8, e.g. ({guess}) iconv -f {source} -t utf-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix} and put that in its place"
+        ) from e
+
+
+def _parse_json(path: Path) -> object:
+    """The JSON value in ``path``; :class:`DataError` naming the file, line and column if it is
+    not JSON, or the byte if it is not UTF-8."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
 
 
 def _default_image_dir(root: Path) -> Path:
@@ -106,11 +146,7 @@ def read_karpathy(
     ``imgid`` (image id), ``class`` (label). A sentence without ``raw`` uses its ``tokens``.
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    data = _parse_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: expected a JSON object with an 'images' list (Karpathy format)")
     filenames, splits, captions, ids, labels = [], [], [], [], []
@@ -147,11 +183,11 @@ def _sentence_text(sentence: dict | str) -> str:
 
 
 def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    # universal newlines, as text-mode open() reads them: \r\n and a lone \r end a line too
+    lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":  # a final newline is not an extra record
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return lines
 
 
 def _group_precomp(
@@ -227,6 +263,7 @@ def load_dataset(
     empty_captions: EmptyCaptions = "error",
     check_images: bool = False,
     captions_per_image: int | None = None,
+    image_reading: ImageReading | None = None,
 ) -> CaptionDataset:
     """Load a dataset folder in either format; optionally check every image file.
 
@@ -237,6 +274,7 @@ def load_dataset(
         empty_captions: ``error`` (default) or ``drop`` (see RSITMD's published train file).
         check_images: open every image and report missing or corrupt files.
         captions_per_image: if set, every image must have exactly this many captions.
+        image_reading: how ``check_images`` reads 16-bit and multi-band files (default rules).
     """
     detected, path = detect_format(root)
     if format != "auto" and format != detected:
@@ -257,5 +295,5 @@ def load_dataset(
     if check_images:
         from cmpagl.data.validation import check_images as _check
 
-        _check(ds)
+        _check(ds, reading=image_reading)
     return ds

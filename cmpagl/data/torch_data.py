@@ -14,17 +14,31 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cmpagl.data.dataset import CaptionDataset
+from cmpagl.data.images import ImageReading
 from cmpagl.data.validation import load_image
 
 Transform = Callable[[object], torch.Tensor]
 
 
+def _reading(transform: Transform, reading: ImageReading | None) -> ImageReading | None:
+    """The image reading rule: given, or the one a config's transform carries
+    (:class:`~cmpagl.data.transforms.ReadingTransform`), else None (the defaults)."""
+    return reading if reading is not None else getattr(transform, "reading", None)
+
+
 class TrainPairs(Dataset):
     """Item ``i``: ``(image [3, H, W], caption: str, image_id: int)``, the caption drawn
-    uniformly from image ``i``'s captions with torch's RNG (seeded per worker by the loader)."""
+    uniformly from image ``i``'s captions with torch's RNG (seeded per worker by the loader).
 
-    def __init__(self, ds: CaptionDataset, transform: Transform) -> None:
+    Files are read by ``reading`` (default: the one ``transform`` carries, see
+    :func:`~cmpagl.data.build.transforms_from_config`; else :mod:`cmpagl.data.images`' defaults).
+    """
+
+    def __init__(
+        self, ds: CaptionDataset, transform: Transform, reading: ImageReading | None = None
+    ) -> None:
         self.ds, self.transform = ds, transform
+        self.reading = _reading(transform, reading)
 
     def __len__(self) -> int:
         return self.ds.num_images
@@ -32,21 +46,25 @@ class TrainPairs(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
         caps = self.ds.captions[i]
         caption = caps[int(torch.randint(len(caps), ()).item())]
-        image = self.transform(load_image(self.ds.image_path(i)))
+        image = self.transform(load_image(self.ds.image_path(i), self.reading))
         return image, caption, self.ds.image_ids[i]
 
 
 class EvalImages(Dataset):
-    """Item ``i``: ``(image [3, H, W], i)`` for every image of the dataset, in order."""
+    """Item ``i``: ``(image [3, H, W], i)`` for every image of the dataset, in order; files
+    read as for :class:`TrainPairs`."""
 
-    def __init__(self, ds: CaptionDataset, transform: Transform) -> None:
+    def __init__(
+        self, ds: CaptionDataset, transform: Transform, reading: ImageReading | None = None
+    ) -> None:
         self.ds, self.transform = ds, transform
+        self.reading = _reading(transform, reading)
 
     def __len__(self) -> int:
         return self.ds.num_images
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.ds.image_path(i))), i
+        return self.transform(load_image(self.ds.image_path(i), self.reading)), i
 
 
 class EvalCaptions(Dataset):

@@ -7,10 +7,13 @@ scale 0.5-1.0) because captions often describe objects near the border.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2 as T
+
+from cmpagl.data.images import ImageReading
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,6 +25,22 @@ class RandomRot90(torch.nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(4, ()).item())
         return torch.rot90(img, k, dims=(-2, -1)) if k else img
+
+
+@dataclass(frozen=True)
+class ReadingTransform:
+    """A transform (PIL image -> tensor) together with the rule its image files are read by.
+
+    :func:`~cmpagl.data.build.transforms_from_config` returns these, so the datasets of
+    :mod:`cmpagl.data.torch_data` read 16-bit and multi-band files as the data config says
+    (``data.image_*``) wherever the transform goes; called, it is just ``transform``.
+    """
+
+    transform: Callable[[object], torch.Tensor]
+    reading: ImageReading
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.transform(image)
 
 
 def build_train_transform(
