@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cmpagl.config import ConfigError, ExperimentConfig, load_config, to_dict
+from cmpagl.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
 from cmpagl.fileio import atomic_write_text
 from cmpagl.paths import REPO_ROOT
 from cmpagl.report import flatten
@@ -239,6 +239,16 @@ def plan_run(
     return plan
 
 
+def _with_defaults(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checkpoint's saved config with the defaults of keys added to the config since it was
+    written (a key added later keeps the old behaviour as its default), so such a key is not
+    taken for a change; the saved mapping as it is where it no longer reads as a config."""
+    try:
+        return to_dict(from_dict(ExperimentConfig, saved, "the checkpoint's config"))
+    except ConfigError:
+        return saved
+
+
 def _inspect_folder(plan: RunPlan) -> None:
     """Set ``plan.state``, ``checkpoint`` and ``checkpoint_step`` from the run folder."""
     from cmpagl.checkpoint import read_meta, saved_checkpoints
@@ -248,7 +258,7 @@ def _inspect_folder(plan: RunPlan) -> None:
         return
     checkpoint = _resume_checkpoint(plan.output_dir)
     meta = read_meta(checkpoint)
-    diff = training_differences(meta.get("config", {}), to_dict(plan.cfg))
+    diff = training_differences(_with_defaults(meta.get("config", {})), to_dict(plan.cfg))
     if diff:
         raise ConfigError(
             f"{plan.output_dir} holds a run of another config ({'; '.join(diff)}): give "

@@ -218,3 +218,21 @@ def test_training_curves_orders_dedupes_and_finds_the_selected_checkpoint(tmp_pa
     assert curves.val_step == [4, 6, 8] and curves.val["r_mean"] == [30.0, 35.0, 35.0]
     assert curves.best_step == 6  # the first highest, as training keeps best/
     assert training_curves(lines).step == [2, 4, 6]  # records work as well as a folder
+
+
+def test_a_config_key_added_since_a_checkpoint_is_not_a_difference():
+    """A run folder written before a config key existed is still that run: the key's default
+    keeps the old behaviour, so resuming or reading it back must not refuse the folder."""
+    import copy
+
+    from cmpagl.config import load_config, to_dict
+    from cmpagl.runs import _with_defaults, training_differences
+
+    wanted = to_dict(load_config("configs/synthetic_tiny.yaml"))
+    old = copy.deepcopy(wanted)
+    del old["data"]["image_scaling"], old["loss"]["itc_alpha_warmup"]
+    assert training_differences(old, wanted)  # compared as saved, the new keys differ
+    assert training_differences(_with_defaults(old), wanted) == []
+    changed = copy.deepcopy(old)
+    changed["loss"]["w_tri"] = 0.0  # a real change is still one
+    assert training_differences(_with_defaults(changed), wanted) == ["loss.w_tri: 0.0 -> 1.0"]
