@@ -8,8 +8,10 @@
 ``cmpagl data synthetic OUT``    write the embedded synthetic dataset
 ``cmpagl sweep SPEC.yaml``       every (variant, seed) of a sweep as an executed notebook
 
-Errors in the user's input (a wrong path, a bad file, an unknown config key) print one line
-``cmpagl: error: ...`` and exit with status 2, never a traceback.
+Errors in the user's input (a wrong path, a bad file, an unknown config key, a run folder another
+process trains in) print one line ``cmpagl: error: ...`` and exit with status 2, never a
+traceback. ``cmpagl train`` stopped by Ctrl-C or SIGTERM writes a checkpoint, prints one line
+with the command that resumes it, and exits with status 130 or 143.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,9 +125,55 @@ def _prepare_synthetic(data) -> None:
         prepare_synthetic_dataset(data)
 
 
+def _program() -> list[str]:
+    """What starts cmpagl the way this process was started, for a command to copy and paste:
+    ``cmpagl``, ``python -m cmpagl.cli``, a script's path; under torchrun, torchrun with as
+    many processes. ``cmpagl`` when called in-process (``main([...])`` from a test)."""
+    argv, orig = sys.argv, list(getattr(sys, "orig_argv", sys.argv))
+    n = len(argv) - 1
+    if n < 1 or argv[1] != "train" or orig[len(orig) - n :] != argv[1:]:
+        return ["cmpagl"]
+    head = orig[: len(orig) - n]  # [python, options..., -m, cmpagl.cli] or [python, ..., script]
+    as_module = "-m" in head
+    target = head[head.index("-m") :] if as_module else [argv[0]]  # what torchrun takes
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = ["--standalone"] if local == world else [f"--nnodes={world // local}"]
+        return ["torchrun", *nodes, f"--nproc_per_node={local}", *target]
+    if as_module or Path(argv[0]).suffix == ".py":
+        return head  # python [options] -m cmpagl.cli, python path/to/cli.py
+    if Path(argv[0]).name == "cmpagl" and _same_file(shutil.which("cmpagl"), argv[0]):
+        return ["cmpagl"]
+    return [argv[0]]  # the console script by its path (a venv not on PATH)
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _resume_command(args: argparse.Namespace, output_dir: str) -> str:
+    """The command line that continues an interrupted ``cmpagl train``: the user's own, with
+    ``--resume`` naming the run folder the checkpoint went to."""
+    words = ["train"]
+    if args.config is not None:
+        words += ["--config", args.config]
+    for item in args.set:
+        words += ["--set", item]
+    words += ["--resume", output_dir]
+    command = shlex.join([*_program(), *words])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE")
+    if world > 1 and local is not None and int(local) != world:
+        return f"(on every node, with your rendezvous options) {command}"
+    return command
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cmpagl.config import load_config
-    from cmpagl.train import train
+    from cmpagl.train import TrainingInterrupted, train
 
     config = args.config
     if config is None:
@@ -132,7 +182,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = str(Path(args.resume) / "config.yaml")
     cfg = load_config(config, overrides=args.set)
     _prepare_synthetic(cfg.data)
-    result = train(cfg, resume=args.resume, config_path=config)
+    try:
+        result = train(cfg, resume=args.resume, config_path=config)
+    except TrainingInterrupted as stop:
+        if stop.rank == 0:
+            resume = _resume_command(args, cfg.output_dir)
+            print(f"cmpagl: {stop}; resume with: {resume}", file=sys.stderr, flush=True)
+        return stop.exit_status
     if result.best_r_mean is not None:
         print(
             f"best val r_mean {result.best_r_mean:.2f} at epoch {result.best_epoch}; "
@@ -216,13 +272,19 @@ def _describe_choice(choice: dict) -> str:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from cmpagl.checkpoint import find_checkpoint
     from cmpagl.data.build import (
         dataset_from_config,
         image_reading_from_config,
         transforms_from_config,
     )
     from cmpagl.data.validation import load_image
-    from cmpagl.retrieval import embed_split, search_by_image, search_by_text
+    from cmpagl.retrieval import (
+        cached_embeddings,
+        search_by_image,
+        search_by_text,
+        split_fingerprint,
+    )
 
     if (args.text is None) == (args.image is None):
         raise _UsageError("give exactly one of --text or --image")
@@ -230,7 +292,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     _prepare_synthetic(cfg.data)
     ds = dataset_from_config(cfg.data).split(args.split)
     _, transform = transforms_from_config(cfg.data)
-    emb = embed_split(model, ds, transform, cfg.retrieval.batch_size, 0, device, keep_fusion=False)
+    # The split's embeddings are cached beside the checkpoint, keyed by the checkpoint, the
+    # images, the captions and the reading settings: a repeated query does not embed again.
+    folder = find_checkpoint(args.checkpoint, prefer="best")
+    cache = folder.parent / f".embeddings_{folder.name}_{args.split}.pt"
+    key = split_fingerprint(ds, folder, (cfg.data, cfg.model.gswin.img_size))
+    emb, cached = cached_embeddings(
+        model, ds, transform, cache, key, cfg.retrieval.batch_size, device
+    )
+    print(
+        f"split embeddings {'read from' if cached else 'computed and cached in'} "
+        f"{cache.name} ({ds.num_images} images, {ds.num_captions} captions)"
+    )
     if args.text is not None:
         hits = search_by_text(model, emb, ds, args.text, args.top)
         print(f"images of the {args.split} split for: {args.text!r}")

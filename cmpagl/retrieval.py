@@ -7,9 +7,13 @@ SMR, the baselines) is pure matrix work in :mod:`cmpagl.rerank`.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +102,82 @@ def embed_split(
         txt2img=ds.txt2img,
         captions=captions,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A split's ITC embeddings, cached beside the checkpoint (repeated queries of `cmpagl retrieve`)
+# --------------------------------------------------------------------------------------------
+CACHE_VERSION = 1
+
+
+def split_fingerprint(ds: CaptionDataset, checkpoint: str | os.PathLike[str], reading: Any) -> str:
+    """A hex digest of everything a split's ITC embeddings depend on: the checkpoint's weights
+    file (size, modification time) and ``meta.json``; the split's image files (name, size,
+    modification time) and captions; the image-reading settings and the eval transform's input
+    size (``reading``: any value with a stable ``repr``, e.g. the data config)."""
+    folder = Path(checkpoint)
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for name in ("model.safetensors", "meta.json"):
+        path = folder / name
+        st = path.stat()
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update((folder / "meta.json").read_bytes())
+    for name in ds.filenames:
+        path = ds.image_dir / name
+        st = path.stat() if path.is_file() else None
+        h.update(f"{name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}\n".encode())
+    h.update("\n".join(ds.all_captions).encode())
+    h.update(np.asarray(ds.txt2img, dtype=np.int64).tobytes())
+    h.update(repr(reading).encode())
+    return h.hexdigest()
+
+
+def cached_embeddings(
+    model: CMPAGL,
+    ds: CaptionDataset,
+    transform,
+    cache_path: str | os.PathLike[str],
+    fingerprint: str,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[SplitEmbeddings, bool]:
+    """The split's ITC embeddings (no fusion inputs) from ``cache_path`` when it was written
+    for ``fingerprint`` (:func:`split_fingerprint`), else computed by :func:`embed_split` and
+    written there atomically. A changed image, caption, checkpoint or reading setting changes
+    the fingerprint, so the cache is computed again, never reused stale.
+
+    Returns:
+        ``(embeddings, whether they were read from the cache)``.
+    """
+    from cmpagl.fileio import atomic_write
+
+    path = Path(cache_path)
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable cache is only a cache: compute it again
+            saved = None
+        if saved is not None and saved.get("fingerprint") == fingerprint:
+            return (
+                SplitEmbeddings(
+                    image_embed=saved["image_embed"],
+                    text_embed=saved["text_embed"],
+                    image_fusion=torch.empty(0),
+                    text_hidden=torch.empty(0),
+                    text_mask=torch.empty(0),
+                    txt2img=ds.txt2img,
+                    captions=ds.all_captions,
+                ),
+                True,
+            )
+    emb = embed_split(model, ds, transform, batch_size, 0, device, keep_fusion=False)
+    payload = {
+        "fingerprint": fingerprint,
+        "image_embed": emb.image_embed,
+        "text_embed": emb.text_embed,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return emb, False
 
 
 def _index_of(items: list[str], unique: list[str]) -> list[int]:
