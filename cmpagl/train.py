@@ -17,6 +17,10 @@ What it does, in order of a step:
 weights, momentum encoders and queue, optimizer, schedule, RNG streams and the rest of the
 epoch's data order all come from the checkpoint, so the resumed run matches an uninterrupted
 one (bit for bit on the CPU).
+
+Shared machines: SIGINT (Ctrl-C) or SIGTERM stops a run after the step in progress, with a
+``last/`` checkpoint at that step (:mod:`cmpagl.interrupt`); a second process training into the
+same folder is refused (:mod:`cmpagl.lock`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ from cmpagl.distributed import (
     gather_objects,
     setup_processes,
 )
+from cmpagl.interrupt import StopSignals, TrainingInterrupted
+from cmpagl.lock import run_lock
 from cmpagl.objective import compute_losses
 from cmpagl.optim import build_optimizer, build_scheduler, total_steps
 from cmpagl.runlog import LOG_FILE, JsonLog, Meter, rng_state, seed_everything, set_rng_state
@@ -70,6 +76,7 @@ from cmpagl.runlog import LOG_FILE, JsonLog, Meter, rng_state, seed_everything, 
 __all__ = [
     "StepInfo",
     "TrainResult",
+    "TrainingInterrupted",
     "epoch_order",
     "train",
 ]
@@ -231,6 +238,10 @@ class _Run:
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(cfg.seed + ctx.rank)
         self.step = self.epoch = self.position = 0
+        self.step_epoch = 0  # the epoch the latest step belonged to
+        self.saved_step = -1  # the step ``last/`` holds, written by this call
+        self.signals: StopSignals | None = None  # set while the loop runs
+        self.stop_signal: int | None = None  # the signal that stopped the loop
         self.order: list[list[int]] | None = None  # every rank's order of the current epoch
         self.best: dict[str, Any] | None = None  # r_mean, epoch, step, metrics
         self.last_val: dict[str, float] | None = None
@@ -312,11 +323,32 @@ class _Run:
 
     # -- loop -----------------------------------------------------------------------------
     def run(self) -> None:
-        """Train until ``epochs`` or ``max_steps``; resumes from the current counters."""
-        while self.epoch < self.cfg.train.epochs and not self._done():
+        """Train until ``epochs`` or ``max_steps``, or until a signal asks to stop (then after
+        the step in progress, see :meth:`_stop_asked`); resumes from the current counters."""
+        while self.epoch < self.cfg.train.epochs and not self._done() and not self.stop_signal:
             if self.order is None:
                 self.order = self._orders(self.epoch)
             self._run_epoch()
+
+    def _stop_asked(self) -> bool:
+        """Whether SIGINT/SIGTERM arrived. Under torchrun every process learns here, after the
+        same step, of a signal any one of them got: the checkpoint that follows is collective."""
+        signum = (self.signals.signum if self.signals is not None else None) or 0
+        if self.ctx.world > 1:
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        self.stop_signal = signum or None
+        return self.stop_signal is not None
+
+    def stop(self) -> TrainingInterrupted:
+        """After a signal stopped the loop: ``last/`` at the current step (unless this step's
+        periodic checkpoint wrote it already), and the exception to raise."""
+        if self.saved_step != self.step:
+            self._save(improved=False)
+        return TrainingInterrupted(
+            self.stop_signal, self.step, self.step_epoch, self.out / "last", self.ctx.rank
+        )
 
     def _loader(self) -> DataLoader:
         """The rest of the current epoch: this process's order from ``position`` on."""
@@ -348,7 +380,7 @@ class _Run:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['total']:.3f}")
                 self._after_step(epoch, ids, logs)
-                if self.epoch != epoch or self._done():
+                if self._stop_asked() or self.epoch != epoch or self._done():
                     break
         finally:
             bar.close()
@@ -418,6 +450,7 @@ class _Run:
     def _after_step(self, epoch: int, ids: Tensor, logs: dict[str, float]) -> None:
         """Epoch end, validation and checkpoints due after this step; then the hook."""
         position = self.position
+        self.step_epoch = epoch
         end_of_epoch = position == self.steps_per_epoch
         if end_of_epoch:  # the counters move on first, so the checkpoint resumes the next epoch
             self.epoch, self.position = self.epoch + 1, 0
@@ -504,6 +537,7 @@ class _Run:
         from the older ``last/``, which repeats the validation and so rewrites ``best/``.
         """
         state = self.state_dict()  # collective: gathers every process's RNG state
+        self.saved_step = self.step
         if self.ctx.main:
             if improved:
                 save_checkpoint(
@@ -677,26 +711,44 @@ def train(
         on_step: called with a :class:`StepInfo` after every optimizer step (live plots,
             tests); it runs on every process.
 
+    SIGINT (Ctrl-C) or SIGTERM stops the run after the optimizer step in progress: ``last/`` is
+    written at that step, exactly as a periodic checkpoint (a repeated signal cannot interrupt
+    the write), and :class:`TrainingInterrupted` is raised; ``train(cfg, resume=output_dir)``
+    then continues as if nothing had happened. ``cfg.output_dir`` is locked while training
+    (:func:`cmpagl.lock.run_lock`).
+
     Raises:
         CheckpointError: ``resume`` holds no complete checkpoint.
         ConfigError: without ``resume``, ``cfg.output_dir`` already holds a trained run
             (:func:`check_fresh_output`); nothing there is touched.
+        RunFolderInUse: another process trains in ``cfg.output_dir`` (a
+            :class:`~cmpagl.config.ConfigError`; the message names it).
+        TrainingInterrupted: a signal stopped the run; ``last/`` holds its latest step.
     """
     check_experiment(cfg)
-    if resume is None:
-        check_fresh_output(cfg.output_dir)
     t0 = time.perf_counter()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     ctx = setup_processes(cfg.train)
     try:
-        with _deterministic(cfg.train.deterministic, ctx.device):
+        # rank 0 writes every file, so rank 0 alone locks (the others may be on other hosts)
+        lock = run_lock(cfg.output_dir) if ctx.main else contextlib.nullcontext()
+        with lock, _deterministic(cfg.train.deterministic, ctx.device):
+            if resume is None:  # under the lock: a run in progress is named as such
+                check_fresh_output(cfg.output_dir)
             run = _prepare(cfg, ctx, resume, on_step, config_path)
             if ctx.main:
                 run.out.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, run.out / "config.yaml")
-            run.run()
+            stopped = None
+            with StopSignals(announce=ctx.main) as run.signals:
+                run.run()
+                if run.stop_signal is not None and not run._done():
+                    stopped = run.stop()  # writes last/ with the signals still held off
+            run.signals = None
             ctx.barrier()
+            if stopped is not None:
+                raise stopped
             return run.result(time.perf_counter() - t0)
     finally:
         if ctx.owns_group:

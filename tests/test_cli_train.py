@@ -1,11 +1,14 @@
-"""``cmpagl train`` -> ``evaluate`` -> ``retrieve`` end to end on a tiny model (CPU)."""
+"""``cmpagl train`` -> ``evaluate`` -> ``retrieve`` end to end on a tiny model (CPU), and the
+command an interrupted ``cmpagl train`` prints to resume."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
+from cmpagl import cli
 from cmpagl.cli import main
 
 
@@ -115,3 +118,37 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown re-ranker(s) magic" in capsys.readouterr().err
     assert main(["retrieve", "--checkpoint", str(tmp_path)]) == 2
     assert "exactly one of --text or --image" in capsys.readouterr().err
+
+
+def test_resume_command_is_what_the_user_typed(monkeypatch, tmp_path):
+    """The command an interrupted ``cmpagl train`` prints starts the way the user started it:
+    the console script, ``python -m cmpagl.cli``, a venv's script by its path, or torchrun."""
+    args = cli.build_parser().parse_args(
+        ["train", "--config", "c.yaml", "--set", "model.gswin.depths=[2,2]", "--resume", "x"]
+    )
+    rest = ["train", "--config", "c.yaml", "--set", "model.gswin.depths=[2,2]", "--resume", "x"]
+    tail = "train --config c.yaml --set 'model.gswin.depths=[2,2]' --resume runs/a"
+    assert cli._resume_command(args, "runs/a") == f"cmpagl {tail}"  # main([...]) in-process
+
+    script = tmp_path / "bin" / "cmpagl"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), *rest])
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", str(script), *rest])
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert cli._resume_command(args, "runs/a") == f"cmpagl {tail}"
+    monkeypatch.setenv("PATH", "/nowhere")  # a venv that is not activated
+    assert cli._resume_command(args, "runs/a") == f"{script} {tail}"
+
+    monkeypatch.setattr(sys, "argv", ["/src/cmpagl/cli.py", *rest])
+    monkeypatch.setattr(sys, "orig_argv", [".venv/bin/python", "-m", "cmpagl.cli", *rest])
+    assert cli._resume_command(args, "runs/a") == f".venv/bin/python -m cmpagl.cli {tail}"
+
+    # a torchrun worker: torchrun starts ``python -u -m cmpagl.cli ...`` in each process
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "-u", "-m", "cmpagl.cli", *rest])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli._resume_command(args, "runs/a") == (
+        f"torchrun --standalone --nproc_per_node=2 -m cmpagl.cli {tail}"
+    )

@@ -1,7 +1,7 @@
 """The training engine: a 2-epoch run of a tiny model writes its log and checkpoints, the best
 checkpoint is the best validation epoch, checkpoints round-trip and are written atomically, a run
-killed mid-epoch resumes to exactly the uninterrupted result, and the optimizer's groups and
-schedule are what the config says."""
+killed mid-epoch (or stopped by SIGINT/SIGTERM, also through the CLI) resumes to exactly the
+uninterrupted result, and the optimizer's groups and schedule are what the config says."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import cmpagl.checkpoint
 from cmpagl.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -29,7 +32,7 @@ from cmpagl.checkpoint import (
 from cmpagl.config import ConfigError, ExperimentConfig, save_config, to_dict
 from cmpagl.optim import build_scheduler, lr_factor, param_groups
 from cmpagl.runlog import read_log
-from cmpagl.train import epoch_order, train
+from cmpagl.train import TrainingInterrupted, epoch_order, train
 
 HELPER = Path(__file__).with_name("train_helper.py")
 LOSS_KEYS = {"itc", "tri", "itm", "mlm", "total", "temp", "grad_norm"}
@@ -218,13 +221,110 @@ def test_killed_run_resumes_exactly(run_a, tiny_data, tmp_path):
 
     resumed = run_helper(config, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert stable(read_log(out)) == stable(read_log(cfg_a.output_dir))
-    model_a, _, state_a = load_checkpoint(cfg_a.output_dir, prefer="last")
+    assert_same_run(out, cfg_a.output_dir)
+
+
+def assert_same_run(out: Path, reference: str | Path) -> None:
+    """The run in ``out`` ended exactly as ``reference``: log lines (timings aside), every weight
+    and buffer (momentum twins and queue too), validations kept, schedule."""
+    assert stable(read_log(out)) == stable(read_log(reference))
+    model_a, _, state_a = load_checkpoint(reference, prefer="last")
     model_b, _, state_b = load_checkpoint(out, prefer="last")
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)  # momentum twins and queue too
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert state_b["best"] == state_a["best"] and state_b["last_val"] == state_a["last_val"]
     assert state_b["scheduler"] == state_a["scheduler"]
+    assert state_b["step"] == state_a["step"]
+
+
+def test_interrupted_run_checkpoints_its_step_and_resumes_exactly(
+    run_a, tiny_data, tmp_path, monkeypatch, capfd
+):
+    """Run B gets a real SIGINT after step 5 (mid-epoch 1), then SIGINT and SIGTERM again while
+    it writes the checkpoint that follows: ``last/`` holds step 5, complete, the exception
+    carries SIGINT's exit status 130, the handlers are restored, and resumed, B ends identical to
+    run A. B writes no periodic checkpoints (A does: checkpoints do not change the training), so
+    it resumes from the interrupt's. In this process, to save two interpreter starts; the CLI
+    test below signals a separate process from outside."""
+    cfg_a, _ = run_a
+    out = tmp_path / "run_b"
+    cfg = tiny_config(tiny_data, out, checkpoint_every=0)
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    write_weights = cmpagl.checkpoint.save_model_weights
+    signalled = []
+
+    def on_step(info) -> None:
+        if info.step == 5:
+            signalled.append(5)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def write_weights_under_fire(model, path) -> None:
+        if signalled:  # the interrupt's own checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+            write_weights(model, path)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before state.pt and meta.json
+        else:
+            write_weights(model, path)
+
+    monkeypatch.setattr(cmpagl.checkpoint, "save_model_weights", write_weights_under_fire)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(cfg, on_step=on_step)
+    monkeypatch.undo()
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    assert str(stop.value) == f"interrupted at step 5 (epoch 1): checkpoint written to {out}/last"
+    assert (stop.value.signum, stop.value.exit_status) == (signal.SIGINT, 130)
+    assert capfd.readouterr().err.count("cmpagl: already stopping") == 1  # repeats noted once
+    meta = read_meta(find_checkpoint(out, prefer="last"))
+    assert (meta["kind"], meta["step"], meta["epoch"], meta["position"]) == ("last", 5, 1, 2)
+    # nothing torn or set aside, no lock left behind
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best",
+        "config.yaml",
+        "last",
+        "train_log.jsonl",
+    ]
+    assert max(r["step"] for r in read_log(out)) == 5
+
+    train(cfg, resume=out)
+    assert_same_run(out, cfg_a.output_dir)
+
+
+def test_cli_stopped_by_sigterm_says_how_to_resume(run_a, tiny_data, tmp_path):
+    """``cmpagl train --config X --set output_dir=... --set ...`` gets SIGTERM from outside,
+    mid-run at whatever step it is: exit status 143 and one line naming the step, the checkpoint
+    and the user's own command (overrides and all) with ``--resume``; that command, run as
+    printed, ends like run A."""
+    cfg_a, _ = run_a
+    out = tmp_path / "run_c"
+    config = save_config(tiny_config(tiny_data, tmp_path / "unused"), tmp_path / "c.yaml")
+    cmd = [sys.executable, "-m", "cmpagl.cli", "train", "--config", str(config)]
+    cmd += ["--set", f"output_dir={out}", "--set", "train.checkpoint_every=0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "train_log.jsonl", time.monotonic() + 300
+    while proc.poll() is None and not (log.is_file() and log.read_text().strip()):
+        assert time.monotonic() < deadline, "no training step within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # after step 1 of 6: training is under way
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.endswith("\n") and err.count("cmpagl: interrupted") == 1
+    found = re.fullmatch(
+        r"cmpagl: interrupted at step (\d) \(epoch (\d)\): checkpoint written to (\S+); "
+        r"resume with: (.+)",
+        err.splitlines()[-1],
+    )
+    assert found, err[-2000:]
+    step, epoch = int(found[1]), int(found[2])
+    assert 1 <= step < 6 and epoch == (step - 1) // 3 and found[3] == str(out / "last")
+    assert read_meta(out / "last")["step"] == step
+    assert found[4] == shlex.join([*cmd, "--resume", str(out)])
+
+    resumed = subprocess.run(
+        shlex.split(found[4]), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(out, cfg_a.output_dir)
 
 
 def test_fresh_run_refuses_a_trained_folder(run_a):
