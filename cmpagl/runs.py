@@ -21,8 +21,6 @@ wherever the notebook's kernel runs, so ``papermill`` works from any folder.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import time
@@ -34,6 +32,7 @@ from typing import Any, Literal
 
 from cmpagl.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
 from cmpagl.fileio import atomic_write_text
+from cmpagl.lock import run_lock
 from cmpagl.paths import REPO_ROOT
 from cmpagl.report import flatten
 
@@ -59,7 +58,6 @@ __all__ = [
 
 #: The run's record, written last: its presence in a run folder means "trained and evaluated".
 RESULT_FILE = "result.json"
-_LOCK_FILE = ".train.lock"
 
 # Config keys in which a checkpoint may differ from the run asked for and still be that run:
 # where files and data live (another machine), threads and workers, how often it logs or
@@ -274,34 +272,6 @@ def _inspect_folder(plan: RunPlan) -> None:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _folder_lock(folder: Path, wait_s: float = 30.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` while training into it.
-
-    Two processes must never train into one folder: a sweep started twice, or the kernel of a
-    killed sweep runner that has not yet noticed its parent died (it exits within about a
-    second). The lock dies with its process, so a killed run never leaves it behind.
-
-    Raises:
-        RuntimeError: another process still holds the lock after ``wait_s`` seconds.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / _LOCK_FILE, "a") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise RuntimeError(f"another process is training in {folder}") from err
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @dataclass
 class TrainingSummary:
     """What a run's training amounts to, read from its checkpoint and log.
@@ -354,7 +324,7 @@ def train_or_resume(plan: RunPlan) -> TrainingSummary:
         from cmpagl.train import train
 
     result = None
-    with _folder_lock(plan.output_dir):
+    with run_lock(plan.output_dir, wait_s=30.0):
         _inspect_folder(plan)  # again: another process may have trained here since plan_run
         if plan.state != "finished":
             prepare_synthetic_dataset(plan.cfg.data)
