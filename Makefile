@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: book test setup data notebooks lab lint clean ablations
+.PHONY: book test setup data notebooks lab lint clean ablations bench
 .DELETE_ON_ERROR:
 
 ## book: set up, generate the default data, execute every notebook, build the HTML book (-W)
@@ -78,6 +78,20 @@ SWEEPS := experiments/sweeps/ucm_tuning.yaml experiments/sweeps/ucm_ablations.ya
 ## Resumable: run it again after an interruption. Records go to results/<sweep>/, runs to runs/.
 ablations: data
 	$(VENV)/bin/cmpagl sweep $(SWEEPS)
+
+## bench: the benchmarks, each writing its record (machine, commit, date) to results/bench/:
+## SMR and GaLR against their dense references side by side, evaluation time against test-set
+## size with each stage's cost model fitted, training samples/s and peak memory against batch
+## size (tiny config), one Gswin block against timm's Swin block. ~5-10 min on 2 idle cores.
+BENCH := results/bench
+bench: setup
+	@start=$$(date +%s); \
+	$(PY) benchmarks/rerank_speed.py --out $(BENCH)/rerank_speed_cpu.json && \
+	$(PY) benchmarks/eval_scaling.py --out $(BENCH)/eval_scaling_cpu.json && \
+	$(PY) benchmarks/train_scaling.py --config configs/synthetic_tiny.yaml \
+		--out $(BENCH)/train_scaling_tiny_cpu.json && \
+	$(PY) benchmarks/gswin_block.py --repeats 5 --threads 1 --out $(BENCH)/gswin_block_cpu.json && \
+	echo "bench: $$(( $$(date +%s) - start )) s; records in $(BENCH)/"
 
 ## lab: open the notebooks in JupyterLab
 lab: setup

@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--shift", action="store_true", help="shifted-window block")
+    parser.add_argument("--out", help="write the record here (JSON, results/bench/)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     print(
         f"block: dim {args.dim}, heads {args.heads}, map {args.res}x{args.res}, window "
         f"{args.window}, shift {args.shift}, batch {args.batch}; {args.threads} threads, "
@@ -206,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{100 * noise:.0f}%"
         + (" -- contended: rerun on a quiet machine or with --threads 1" if noise > 0.05 else "")
     )
+    if args.out:
+        from bench_record import write_record
+
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        write_record(args.out, {"settings": settings, "rows": rows}, load_before=load)
 
 
 if __name__ == "__main__":

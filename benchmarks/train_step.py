@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -218,6 +217,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the result JSON here")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # child process of --baseline
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     argv = ["--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps)]
     for o in args.overrides:
         argv += ["--set", o]
@@ -248,15 +248,11 @@ def main() -> None:
             f"{100 * result['fraction_of_matmul_peak']:.0f} % of the "
             f"{result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak"
         )
-    result["hardware"] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        # imported here: a --baseline child imports the library of another tree
+        from bench_record import write_record
+
+        write_record(args.out, result, load_before=load)
 
 
 if __name__ == "__main__":

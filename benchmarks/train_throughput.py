@@ -9,9 +9,11 @@ Measured on an H200 for the paper-scale shapes: results/gpu_throughput_h200/.
 It trains ``--steps`` optimizer steps (``train.max_steps``) into a temporary folder that is
 deleted afterwards; ``--set`` overrides apply as in ``cmpagl train``. The first ``--skip``
 steps (allocations, cuDNN/cuBLAS autotuning, data-loader start-up) are left out of the steady
-rate, and so is the validation after the last step. On CUDA each step is synchronised before it
-is timed. A number of steps that is not a multiple of an epoch's batches stops mid-epoch: no
-epoch-end validation then falls between timed steps.
+rate, and so is the last step: the engine validates and saves after its last step before it
+calls the step hook that stamps the time. On CUDA each step is synchronised before it is timed.
+The peak resident memory (``getrusage``) is the process's: model, optimizer, data, activations.
+A number of steps that is not a multiple of an epoch's batches stops mid-epoch: no epoch-end
+validation then falls between timed steps.
 """
 
 from __future__ import annotations
@@ -19,24 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from bench_record import load_average, record, write_record
 
-from cmpagl.checkpoint import git_commit
 from cmpagl.config import load_config
 from cmpagl.data.build import prepare_synthetic_dataset
-from cmpagl.evaluate import hardware_info
 from cmpagl.train import StepInfo, _amp_dtype, train
 
 
 def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
     """Train ``steps`` steps of ``config`` and time them (see the module docstring)."""
-    if steps < skip + 2:
-        raise SystemExit(f"--steps must be at least --skip + 2 = {skip + 2}")
+    if steps < skip + 3:
+        raise SystemExit(f"--steps must be at least --skip + 3 = {skip + 3}")
     with tempfile.TemporaryDirectory(prefix="cmpagl_throughput_") as tmp:
         cfg = load_config(
             config,
@@ -68,7 +67,7 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
         prepare_synthetic_dataset(cfg.data)  # a no-op unless data.name is synthetic
         result = train(cfg, config_path=config, on_step=on_step)
     dev = run["device"]
-    steady = stamps[skip:]
+    steady = stamps[skip:-1]  # the last stamp follows the final validation and checkpoint
     step_s = [b - a for a, b in zip(steady[:-1], steady[1:], strict=True)]
     amp = _amp_dtype(cfg.train, dev)
     return {
@@ -80,35 +79,39 @@ def measure(config: str, overrides: list[str], steps: int, skip: int) -> dict:
         "world_size": run["world"],
         "device": str(dev),
         "amp_dtype": None if amp is None else str(amp).removeprefix("torch."),
-        "steady_samples_per_s": sum(samples[skip + 1 :]) / (steady[-1] - steady[0]),
+        "steady_samples_per_s": sum(samples[skip + 1 : -1]) / (steady[-1] - steady[0]),
         "median_step_ms": 1000 * statistics.median(step_s),
         "engine_samples_per_s": result.samples_per_s,
         "wall_time_s": result.wall_time_s,
         "peak_gpu_gib": (
             torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         ),
+        "peak_rss_mib": peak_rss_mib(),
         "trainable_params_m": run["params"] / 1e6,
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
-        "hardware": hardware_info(dev),
-        "command": " ".join(sys.argv),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (``getrusage`` max RSS): the model, its
+    optimizer state, the data and the largest step's activations, all on the CPU."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps to train (≥ skip + 2)")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps to train (≥ skip + 3)")
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the rate")
     ap.add_argument("--out", help="also write the result here as JSON")
     args = ap.parse_args()
+    load = load_average()
     row = measure(args.config, args.set, args.steps, args.skip)
-    text = json.dumps(row, indent=2)
-    print(text)
+    print(json.dumps(record(row, load_before=load, device=row["device"]), indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_record(args.out, row, load_before=load, device=row["device"])
 
 
 if __name__ == "__main__":

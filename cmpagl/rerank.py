@@ -24,11 +24,20 @@ so no re-ranker breaks a tie by the order of the caption file.
 
 Outputs are float64: the offset that keeps non-candidates below the candidates, and the small
 weights SMR adds, must not round away ITC differences.
+
+**Cost.** SMR and GaLR change only each query's top-k, so they compute only there: SMR keeps
+torch's two full-matrix softmaxes (their sums set the last bits of W_map) and forms, scales
+and adds W_map on the top-k entries; GaLR ranks each candidate by counting, never ranks the
+whole matrix. Both give the dense formulas' numbers bit for bit (the dense code is kept in
+``benchmarks/rerank_reference.py``; ``tests/test_rerank.py`` compares them, ties included), and
+both compute on the CPU (inputs elsewhere are copied there), writing their two outputs into
+the two [N_img, N_txt] matrices they use as scratch: a fresh matrix costs page faults too.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -96,12 +105,74 @@ def topk_mask(s: Tensor, k: int, dim: int) -> Tensor:
     with the k-th score are all kept, so a query may hold more than k (identical captions are
     never split by the boundary).
     """
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = _check_k(k)
     if k >= s.shape[dim]:
         return torch.ones_like(s, dtype=torch.bool)
-    kth = s.topk(int(k), dim=dim).values.narrow(dim, int(k) - 1, 1)
+    kth = s.topk(k, dim=dim).values.narrow(dim, k - 1, 1)
     return s >= kth
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+class _TopkLists(NamedTuple):
+    """Each query's top-k (:func:`topk_mask`) as a padded list: ``index`` [Q, K] int64 (the
+    candidates' positions along the query's list), ``valid`` [Q, K] bool (False: padding),
+    ``padded`` whether any entry is padding (some query was tied at its boundary)."""
+
+    index: Tensor
+    valid: Tensor
+    padded: bool
+
+    def flat(self, query_stride: int, index_stride: int) -> Tensor:
+        """[Q, K] offsets of the entries in a contiguous matrix: query q's entry c sits at
+        q · query_stride + c · index_stride (i2t lists of [N_img, N_txt]: (N_txt, 1))."""
+        queries = torch.arange(self.index.shape[0])[:, None] * query_stride
+        return queries + self.index * index_stride
+
+    def entries(self, x: Tensor) -> Tensor:
+        """[n] the valid entries of ``x`` [Q, K], query by query."""
+        return x[self.valid] if self.padded else x.reshape(-1)
+
+
+def _topk_lists(rows: Tensor, k: int) -> _TopkLists:
+    """The entries of ``topk_mask(rows, k, dim=1)`` query by query (queries are rows), without
+    the [Q, N] mask.
+
+    One ``topk`` of k + 1 settles every query whose (k+1)-th score is below its k-th: its
+    candidates are exactly its top k. Only queries tied at the boundary (or holding NaN, which
+    ``s >= kth`` excludes) are compared with their whole list, so K may exceed k. ``topk``
+    along contiguous rows is several times faster than along columns: callers pass column
+    queries as a contiguous transposed copy.
+    """
+    k = _check_k(k)
+    n_q, n = rows.shape
+    if k >= n:
+        index = torch.arange(n).expand(n_q, n)
+        return _TopkLists(index, torch.ones(n_q, n, dtype=torch.bool), False)
+    values, index = rows.topk(k + 1, dim=1)
+    kth = values[:, k - 1]
+    settled = values[:, k] < kth
+    if values.isnan().any():  # s >= kth leaves NaN out: those queries take the slow path
+        settled &= ~values[:, :k].isnan().any(dim=1)
+    index = index[:, :k]
+    if bool(settled.all()):
+        return _TopkLists(index, torch.ones(n_q, k, dtype=torch.bool), False)
+    tied = (~settled).nonzero().squeeze(1)
+    keep = rows[tied] >= kth[tied, None]  # [T, n]: the tied queries' masks
+    counts = keep.sum(dim=1)
+    width = max(k, int(counts.max()))
+    padded = torch.zeros(n_q, width, dtype=torch.int64)
+    valid = torch.zeros(n_q, width, dtype=torch.bool)
+    padded[:, :k], valid[:, :k] = index, True
+    padded[tied], valid[tied] = 0, False
+    which, where = keep.nonzero(as_tuple=True)
+    slot = torch.arange(len(which)) - (counts.cumsum(0) - counts)[which]
+    padded[tied[which], slot], valid[tied[which], slot] = where, True
+    return _TopkLists(padded, valid, True)
 
 
 def _place_above(s: Tensor, values: Tensor, mask: Tensor, gap: float = 0.0) -> Tensor:
@@ -235,6 +306,74 @@ def _scale_on_topk(log_w: Tensor, mask: Tensor, dim: int, scale: str) -> Tensor:
     return torch.where(flat, torch.ones_like(ratio), scaled).masked_fill(~mask, 0.0)
 
 
+class _SparseW(NamedTuple):
+    """W_map of one direction on its queries' top-k entries (it is 0 everywhere else)."""
+
+    flat: Tensor  # [n] int64 offsets in a contiguous [N_img, N_txt] matrix
+    w: Tensor  # [n] float64
+
+    def dense(self, out: Tensor) -> Tensor:
+        """``out`` (contiguous [N_img, N_txt]) overwritten with W: 0 off the top-k."""
+        out.zero_().view(-1)[self.flat] = self.w
+        return out
+
+    def add_to(self, s: Tensor, lam: float, out: Tensor | None = None) -> Tensor:
+        """S + λ·W: a copy of ``s`` (into ``out``, contiguous, if given) with λ·W added on the
+        top-k; the same numbers as the dense S + λ·W (S + λ·0 = S)."""
+        out = torch.empty(s.shape, dtype=s.dtype) if out is None else out
+        if not math.isfinite(lam):  # λ·0 is NaN off the top-k: the dense formula says so
+            return s + lam * self.dense(out)
+        out.copy_(s).view(-1)[self.flat] = torch.take(s, self.flat) + lam * self.w
+        return out
+
+
+def _cpu(s: RankingScores) -> RankingScores:
+    """The pair on the CPU (the fast paths use numpy and CPU scratch), a shared matrix kept
+    shared."""
+    i2t = s.i2t.cpu()
+    return RankingScores(i2t, i2t if s.t2i is s.i2t else s.t2i.cpu())
+
+
+def _smr_inputs(
+    s_raw: Tensor | RankingScores, s_prob: Tensor | RankingScores | None
+) -> tuple[RankingScores, RankingScores]:
+    s = _cpu(as_ranking(s_raw))
+    p = s if s_prob is None else _cpu(as_ranking(s_prob))
+    if p.i2t.shape != s.i2t.shape:
+        raise ValueError(f"s_prob is {tuple(p.i2t.shape)} but s_raw is {tuple(s.i2t.shape)}")
+    return s, p
+
+
+def _smr_sparse(
+    s: RankingScores, p: RankingScores, tau_s: float, k: int, scale: str
+) -> tuple[tuple[_SparseW, _SparseW], list[Tensor]]:
+    """W_map of both directions on each query's top-k, and two spare [N_img, N_txt] matrices.
+
+    The numbers are those of the dense formula (:func:`smr_weights`), bit for bit: W is read
+    only on the top-k, so only the top-k entries of log W are formed and scaled. The two
+    softmaxes stay torch's full-matrix kernels (their sums set the last bits of W); they write
+    into two scratch matrices, which the caller may then reuse (for S_opt).
+    """
+    n_img, n_txt = s.i2t.shape
+    x, log_p = (torch.empty(n_img, n_txt, dtype=torch.float64) for _ in range(2))
+    columns = x.view(n_txt, n_img).copy_(s.t2i.T)  # each caption's list, contiguous
+    lists = (_topk_lists(s.i2t, k), _topk_lists(columns, k))
+    # offsets of every list entry in [N_img, N_txt]: images list columns, captions list rows
+    flat = (lists[0].flat(n_txt, 1), lists[1].flat(1, n_txt))
+    torch.div(p.i2t, tau_s, out=x)
+    torch.log_softmax(x, 1, out=log_p)
+    log_w = [log_p.take(f) for f in flat]
+    if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix
+        torch.div(p.t2i, tau_s, out=x)
+    torch.log_softmax(x, 0, out=log_p)
+    log_w = [lw + log_p.take(f) for lw, f in zip(log_w, flat, strict=True)]
+    sparse = tuple(
+        _SparseW(top.entries(f), top.entries(_scale_on_topk(lw, top.valid, 1, scale)))
+        for f, top, lw in zip(flat, lists, log_w, strict=True)
+    )
+    return sparse, [x, log_p]
+
+
 def smr_weights(
     s_raw: Tensor | RankingScores,
     tau_s: float,
@@ -256,16 +395,10 @@ def smr_weights(
     Returns:
         (W_i2t, W_t2i), [N_img, N_txt] float64 in [0, 1], 1 at each query's most mutual pair.
     """
-    s = as_ranking(s_raw)
-    p = s if s_prob is None else as_ranking(s_prob)
-    if p.i2t.shape != s.i2t.shape:
-        raise ValueError(f"s_prob is {tuple(p.i2t.shape)} but s_raw is {tuple(s.i2t.shape)}")
+    s, p = _smr_inputs(s_raw, s_prob)
     tau_s, scale = _check_tau(tau_s), _check_scale(scale)
-    log_w = torch.log_softmax(p.i2t / tau_s, dim=1) + torch.log_softmax(p.t2i / tau_s, dim=0)
-    return RankingScores(
-        _scale_on_topk(log_w, topk_mask(s.i2t, k, dim=1), 1, scale),
-        _scale_on_topk(log_w, topk_mask(s.t2i, k, dim=0), 0, scale),
-    )
+    sparse, spare = _smr_sparse(s, p, tau_s, k, scale)
+    return RankingScores(*(w.dense(out) for w, out in zip(sparse, spare, strict=True)))
 
 
 def smr(
@@ -302,19 +435,29 @@ def smr_scorer(
 ) -> Callable[..., RankingScores]:
     """``(tau_s, k, lam) -> S_opt`` on fixed scores; W_map is reused while (τ_s, k) repeat.
 
-    λ only scales W, so a grid that varies λ fastest computes one W per (τ_s, k).
+    λ only scales W, so a grid that varies λ fastest computes one W per (τ_s, k). W is kept
+    on the top-k entries only (:func:`_smr_sparse`); S_opt is a copy of S_raw with λ·W added
+    there, the same numbers as the dense S_raw + λ·W.
     """
-    s = as_ranking(s_raw)
-    cache: dict[tuple[float, int], RankingScores] = {}
+    s = _cpu(as_ranking(s_raw))
+    cache: dict[tuple[float, int], tuple[_SparseW, _SparseW]] = {}
 
     def score(tau_s: float, k: int, lam: float) -> RankingScores:
         if not lam >= 0:
             raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
+        spare: list[Tensor] = []
         if (tau_s, k) not in cache:
-            cache.clear()  # keep one W: memory stays at one pair of matrices
-            cache[tau_s, k] = smr_weights(s, tau_s, k, s_prob=s_prob, scale=scale)
+            cache.clear()  # keep one W
+            _, p = _smr_inputs(s, s_prob)
+            tau, sc = _check_tau(tau_s), _check_scale(scale)
+            cache[tau_s, k], spare = _smr_sparse(s, p, tau, k, sc)
         w = cache[tau_s, k]
-        return RankingScores(s.i2t + lam * w.i2t, s.t2i + lam * w.t2i)
+        return RankingScores(
+            *(
+                w_d.add_to(s_d, lam, spare.pop() if spare else None)
+                for w_d, s_d in zip(w, s, strict=True)
+            )
+        )
 
     return score
 
@@ -349,19 +492,97 @@ def inverted_softmax(s: Tensor, tau: float = 0.01) -> RankingScores:
     return RankingScores(torch.log_softmax(s / tau, dim=0), torch.log_softmax(s / tau, dim=1))
 
 
-def _galr_rows(s: Tensor, k: int, wp1: float, wp2: float, decay: float) -> Tensor:
-    """GaLR re-rank of every row of ``s`` [Q, C] (queries are rows) -> [Q, C]."""
-    cand = topk_mask(s, k, dim=1)
-    forward = competition_rank(s, dim=1)  # position of candidate c in query q's list
-    backward = competition_rank(s, dim=0)  # position of query q in candidate c's own list
-    p1 = s / s.sum(dim=0, keepdim=True)  # "saliency": share of c's total similarity
+def _count_greater(lists: Tensor, which: Tensor, values: Tensor, scratch: Tensor) -> Tensor:
+    """[n] int64: how many entries of list ``which[i]`` (a row of ``lists`` [n_lists, L]) are
+    strictly greater than ``values[i]``.
+
+    Few values: each is compared with its whole list (n·L comparisons, in chunks). Many: the
+    lists are sorted once into ``scratch`` (contiguous, the shape of ``lists``) and each value
+    is found by binary search, log2(L) vectorised steps. A comparison costs about four steps
+    of a sort, hence the switch. numpy: it sorts float64 several times faster than torch, and
+    its small steps make no thread-pool round trips.
+    """
+    n_lists, n = lists.shape
+    if 4 * len(values) < n_lists * n.bit_length():
+        rows, which_np, v = lists.numpy(), which.numpy(), values.numpy()
+        chunk = max(1, 2**20 // n)
+        return torch.from_numpy(
+            np.concatenate(
+                [
+                    np.count_nonzero(rows[which_np[i : i + chunk]] > v[i : i + chunk, None], 1)
+                    for i in range(0, len(v), chunk)
+                ]
+                or [np.zeros(0, dtype=np.int64)]
+            ).astype(np.int64)
+        )
+    scratch.copy_(lists)
+    ascending = scratch.numpy()
+    ascending.sort(axis=1)
+    flat, start, v = ascending.reshape(-1), which.numpy() * n, values.numpy()
+    lo, hi = np.zeros(len(v), dtype=np.int64), np.full(len(v), n, dtype=np.int64)
+    for _ in range(n.bit_length()):  # the first entry above v lies in [lo, hi]
+        open_ = lo < hi  # lo = hi: found (mid may then be n, past the list)
+        mid = (lo + hi) // 2
+        above = flat[start + np.minimum(mid, n - 1)] > v
+        lo = np.where(open_ & ~above, mid + 1, lo)
+        hi = np.where(open_ & above, mid, hi)
+    return torch.from_numpy(n - lo)
+
+
+def _galr_candidates(
+    rows: Tensor,
+    columns: Tensor,
+    column_sums: Tensor,
+    params: tuple[int, float, float, float],
+    scratch: Tensor,
+    transposed: bool,
+) -> tuple[Tensor, Tensor]:
+    """GaLR's new scores of each query's top-k candidates; queries are the rows of ``rows``.
+
+    Args:
+        rows: [Q, C] scores, a query per row (contiguous: top-k and gathers run along rows).
+        columns: [C, Q] the same scores, a candidate's own list per row (rows transposed).
+        column_sums: [C] Σ_q' rows[q', c], p1's denominators.
+        params: (k, wp1, wp2, decay); scratch: a spare contiguous [C, Q] float64 matrix.
+        transposed: ``rows`` is S^T (caption queries), not S.
+
+    Returns:
+        (offset [n] of each candidate in a contiguous [N_img, N_txt] matrix, new score [n]).
+
+    Only each query's candidates get new scores, so only their ranks are needed: the forward
+    rank counts the candidates above it (every score above a candidate is a candidate), the
+    backward rank counts the entries above it in its own list (:func:`_count_greater`).
+    """
+    k, wp1, wp2, decay = params
+    n_q, n_c = rows.shape
+    top = _topk_lists(rows, k)
+    v = rows.take(top.flat(n_c, 1))  # [Q, K] the candidates' scores
+    if top.padded:  # padding counts as -inf (never above a candidate)
+        forward = competition_rank(v.masked_fill(~top.valid, float("-inf")), dim=1)
+        backward = torch.zeros_like(top.index)
+        backward[top.valid] = _count_greater(columns, top.entries(top.index), v[top.valid], scratch)
+    else:
+        forward = competition_rank(v, dim=1)
+        backward = _count_greater(columns, top.index.reshape(-1), v.reshape(-1), scratch)
+        backward = backward.view(top.index.shape)
+    p1 = v / column_sums[top.index]  # "saliency": share of c's total similarity
     p2 = torch.exp(-decay * (forward + 1).double())
     # Candidates of a query ordered by backward rank (forward rank breaks ties); their position
-    # in that order gives p3. Non-candidates sort last and do not count.
-    key = (backward * (s.shape[1] + 1) + forward).double().masked_fill(~cand, float("inf"))
+    # in that order gives p3. Padding sorts last and does not count.
+    key = (backward * (n_c + 1) + forward).double().masked_fill(~top.valid, float("inf"))
     position = competition_rank(-key, dim=1)
     p3 = torch.exp(-decay * (position + 1).double())
-    return _place_above(s, wp1 * p1 + p2 + wp2 * p3, cand)
+    flat = top.flat(1, n_q) if transposed else top.flat(n_c, 1)
+    return top.entries(flat), top.entries(wp1 * p1 + p2 + wp2 * p3)
+
+
+def _place_candidates(s: Tensor, flat: Tensor, values: Tensor, out: Tensor) -> Tensor:
+    """:func:`_place_above` (gap 0) with the mask given by offsets ``flat``, into ``out``."""
+    if not len(values):
+        return out.copy_(s)
+    shift = max(0.0, float(s.max() - values.min()) + 1.0)
+    torch.sub(s, shift, out=out).view(-1)[flat] = values
+    return out
 
 
 def galr_rerank(
@@ -391,8 +612,17 @@ def galr_rerank(
     Returns:
         :class:`RankingScores`, float64.
     """
-    s = _matrix(s)
-    return RankingScores(_galr_rows(s, k, wp1, wp2, decay), _galr_rows(s.T, k, wp1, wp2, decay).T)
+    s = _matrix(s).cpu()
+    n_img, n_txt = s.shape
+    params = (k, wp1, wp2, decay)
+    # The two outputs serve as scratch first: S transposed (each caption's list, contiguous),
+    # and the sorted lists of _count_greater. Numbers as in the dense formulas, bit for bit.
+    out_i2t, out_t2i = (torch.empty(n_img, n_txt, dtype=torch.float64) for _ in range(2))
+    columns = out_i2t.view(n_txt, n_img).copy_(s.T)
+    # The column sums are taken as the dense code takes them (the same summation order)
+    i2t = _galr_candidates(s, columns, s.sum(dim=0), params, out_t2i.view(n_txt, n_img), False)
+    t2i = _galr_candidates(columns, s, s.T.sum(dim=0), params, out_t2i, True)
+    return RankingScores(_place_candidates(s, *i2t, out_i2t), _place_candidates(s, *t2i, out_t2i))
 
 
 # --------------------------------------------------------------------------------------------

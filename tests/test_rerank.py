@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
+import itertools
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -570,3 +573,140 @@ def test_reranking_does_not_modify_its_input(tiny_model, tiny_emb):
     rr.smr(s, 0.05, 3, 0.5), rr.galr_rerank(s), rr.dual_softmax(s)
     itm_rescore(tiny_model, tiny_emb, s, 2)
     assert torch.equal(s, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast paths against the dense reference (benchmarks/rerank_reference.py), bit for bit
+# --------------------------------------------------------------------------------------------
+def _load_reference():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank_reference.py"
+    spec = importlib.util.spec_from_file_location("rerank_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = _load_reference()
+
+
+def tied_scores(n_img: int, n_txt: int, gen: torch.Generator) -> torch.Tensor:
+    """Scores full of exact ties: few distinct values (ties at every top-k boundary), a
+    duplicated caption column and a duplicated image row (identical captions and images)."""
+    levels = int(torch.randint(2, 6, (1,), generator=gen))
+    s = torch.randint(0, levels, (n_img, n_txt), generator=gen).double() / levels + 0.1
+    if n_txt > 2:
+        s[:, -1] = s[:, 0]
+    if n_img > 2:
+        s[-1] = s[1]
+    return s
+
+
+def random_cases(n: int, seed: int = 0):
+    """(scores, k) of random sizes, a third continuous, two thirds full of ties; k from 1 to
+    beyond the list lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(n):
+        n_img, n_txt = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (9, 25))
+        if trial % 3 == 0:
+            s = torch.rand(n_img, n_txt, generator=gen).double()
+        else:
+            s = tied_scores(n_img, n_txt, gen)
+        yield s, int(torch.randint(1, 8, (1,), generator=gen))
+
+
+def same(a: rr.RankingScores, b: rr.RankingScores) -> bool:
+    return torch.equal(a.i2t, b.i2t) and torch.equal(a.t2i, b.t2i)
+
+
+def test_topk_lists_hold_exactly_the_topk_mask():
+    for s, k in random_cases(60, seed=1):
+        for dim in (1, 0):
+            rows = s if dim == 1 else s.T.contiguous()
+            top = rr._topk_lists(rows, k)
+            mask = torch.zeros_like(rows, dtype=torch.bool)
+            query = torch.arange(rows.shape[0])[:, None].expand_as(top.index)
+            mask[query[top.valid], top.index[top.valid]] = True
+            assert int(top.valid.sum()) == int(mask.sum())  # no entry twice
+            want = rr.topk_mask(s, k, dim)
+            assert torch.equal(mask, want if dim == 1 else want.T)
+    # NaN: s >= kth leaves it out (and a NaN k-th score leaves every entry out), the lists too
+    nan = float("nan")
+    s = torch.tensor([[nan, 0.5, 0.3, 0.2], [0.1, nan, 0.9, 0.4], [nan, nan, 0.1, 0.2]])
+    top = rr._topk_lists(s, 2)
+    got = [sorted(top.index[q][top.valid[q]].tolist()) for q in range(3)]
+    assert got == [m.nonzero().squeeze(1).tolist() for m in rr.topk_mask(s, 2, 1)]
+    assert got == [[1], [2], []]
+
+
+def test_count_greater_against_naive_both_ways():
+    gen = torch.Generator().manual_seed(3)
+    lists = torch.randint(0, 6, (7, 40), generator=gen).double()  # many ties
+    for n in (5, 400):  # few values: compared with their lists; many: sorted + binary search
+        which = torch.randint(0, 7, (n,), generator=gen)
+        values = torch.randint(-1, 7, (n,), generator=gen).double()
+        want = [(lists[w] > v).sum().item() for w, v in zip(which, values, strict=True)]
+        got = rr._count_greater(lists.T.contiguous().T, which, values, torch.empty(7, 40))
+        assert got.tolist() == want
+
+
+def test_fast_smr_equals_the_dense_reference_bit_for_bit():
+    """Every output of the top-k-only SMR equals the dense formulas' (the implementation before
+    it) exactly: W_map, S_opt, both scalings, pairs after ITM, ties at the boundary, k beyond the
+    lists, float32 and transposed (non-contiguous) input, and the scorer's cached W over a grid."""
+    gen = torch.Generator().manual_seed(4)
+    for trial, (s, k) in enumerate(random_cases(45, seed=2)):
+        tau = (0.01, 0.05, 1.0)[trial % 3]
+        prob = s + torch.rand(s.shape, generator=gen).double()
+        for scale in rr.SMR_SCALES:
+            for args, kw in (
+                ((s,), {}),
+                (((s, prob),), {"s_prob": (prob, s)}),  # a pair: rows and columns differ
+            ):
+                want = REFERENCE.smr_weights(*args, tau, k, scale=scale, **kw)
+                assert same(rr.smr_weights(*args, tau, k, scale=scale, **kw), want)
+                for lam in (0.0, 0.3):
+                    want = REFERENCE.smr(*args, tau, k, lam, scale=scale, **kw)
+                    assert same(rr.smr(*args, tau, k, lam, scale=scale, **kw), want)
+    s = torch.rand(9, 6, generator=gen).T  # float64, transposed
+    assert same(rr.smr(s, 0.05, 2, 0.5), REFERENCE.smr(s, 0.05, 2, 0.5))
+    assert same(rr.smr(s.float(), 0.05, 2, 0.5), REFERENCE.smr(s.float(), 0.05, 2, 0.5))
+    # λ = inf: the dense formula's λ·0 = NaN off the top-k, kept
+    inf = rr.smr(s, 0.05, 2, math.inf)
+    assert inf.i2t.isnan().any() and torch.equal(
+        inf.i2t.isnan(), REFERENCE.smr(s, 0.05, 2, math.inf).i2t.isnan()
+    )
+    # the scorer over a grid (W cached per (τ_s, k), spare matrices reused for the first λ)
+    score = rr.smr_scorer(s)
+    for tau, k, lam in itertools.product((0.05, 0.2), (1, 3), (0.1, 1.0)):
+        assert same(score(tau, k, lam), REFERENCE.smr(s, tau, k, lam))
+
+
+def test_fast_galr_equals_the_dense_reference_bit_for_bit():
+    """GaLR on each query's candidates only (ranks by binary search and comparison) equals the
+    dense competition ranks of the implementation before it, exactly, ties included."""
+    for trial, (s, k) in enumerate(random_cases(60, seed=5)):
+        params = ((k,), (k, 0.3, 1.1, 0.2))[trial % 2]
+        assert same(rr.galr_rerank(s, *params), REFERENCE.galr_rerank(s, *params)), trial
+    gen = torch.Generator().manual_seed(6)
+    s = torch.rand(40, 7, generator=gen).double().T  # transposed, many candidates per list
+    assert same(rr.galr_rerank(s, 5), REFERENCE.galr_rerank(s, 5))
+    assert same(rr.galr_rerank(s.float(), 3), REFERENCE.galr_rerank(s.float(), 3))
+
+
+def test_fast_paths_keep_identical_captions_tied_at_retrieval_size():
+    """A 60 x 300 retrieval-like matrix with duplicated captions: equal to the reference, and
+    the duplicates tie exactly in both directions."""
+    gen = torch.Generator().manual_seed(7)
+    img = torch.nn.functional.normalize(torch.randn(60, 16, generator=gen), dim=1)
+    txt = torch.nn.functional.normalize(
+        img.repeat_interleave(5, 0) + 0.5 * torch.randn(300, 16, generator=gen), dim=1
+    )
+    txt[1::9] = txt[0]  # 34 copies of caption 0
+    s = (img @ txt.T).double()
+    for ours, ref in (
+        (rr.smr(s, 0.05, 10, 0.5), REFERENCE.smr(s, 0.05, 10, 0.5)),
+        (rr.galr_rerank(s), REFERENCE.galr_rerank(s)),
+    ):
+        assert same(ours, ref)
+        for m in (ours.i2t, ours.t2i):
+            assert (m[:, 1::9] == m[:, :1]).all()
