@@ -67,6 +67,9 @@ executed/06_text_fusion.ipynb executed/07_losses.ipynb: executed/05_train.ipynb
 # The instructor's page reads every other chapter's run time, so it runs last.
 executed/08_course.ipynb: $(filter-out executed/08_course.ipynb,$(EXECUTED))
 
+# The speed appendix reads the benchmark records (make bench writes them).
+executed/09_benchmarks.ipynb: $(wildcard results/bench/*.json)
+
 # The ablation tables are read from results/ (the sweeps' records), not recomputed.
 executed/04_seed_tables.ipynb: $(wildcard results/*/summary.json results/*/*/seed*.json)
 

@@ -45,6 +45,8 @@ SMALL = {
     "06_text_fusion.ipynb": lambda tmp, synthetic, run: {"model_dir": str(run)},
     "07_losses.ipynb": lambda tmp, synthetic, run: {"model_dir": str(run)},
     "08_course.ipynb": lambda tmp, synthetic: {"executed_dir": _executed_chapters(tmp)},
+    # reads the committed results/bench/ (no timing), so the defaults are already small
+    "09_benchmarks.ipynb": lambda tmp, synthetic: {},
 }
 
 

@@ -220,13 +220,14 @@ def test_sweep_resumes_a_killed_run_and_skips_finished_ones(repo_root, tmp_path,
             assert rec["training"]["action"] == "trained", key
     for run in report.runs:  # a browsable executed notebook per run
         assert run.notebook_path.is_file()
-    # only small files under results/: the records, the CSV and the table
+    # only small files under results/: the records, the CSV and the two tables
     files = sorted(p.relative_to(spec.results) for p in spec.results.rglob("*") if p.is_file())
     assert [str(p) for p in files] == [
         "full/seed0.json",
         "full/seed1.json",
         "no_tri/seed0.json",
         "no_tri/seed1.json",
+        "paired.md",
         "runs.csv",
         "table.md",
     ]
