@@ -364,23 +364,17 @@ def itm_hard_negatives(
         text row paired with image i as a negative, ``neg_image_idx[t]`` the image row paired
         with text t; ``-1`` where no negative exists.
     """
-    batch = image_ids.shape[0]
-    if sim_i2t.shape != (batch, batch):
-        raise ValueError(f"sim_i2t: expected shape [{batch}, {batch}], got {list(sim_i2t.shape)}")
-    neg = image_ids.view(-1, 1) != image_ids.view(1, -1)  # [B, B], symmetric
-    has_neg = neg.any(dim=1)
-    # float32 at least: softmax of half logits loses the small probabilities multinomial needs.
-    logits = sim_i2t.detach().to(torch.promote_types(sim_i2t.dtype, torch.float32))
+    p_text, p_image = itm_negative_probs(sim_i2t, image_ids)  # checks the shapes
+    has_neg = (image_ids.view(-1, 1) != image_ids.view(1, -1)).any(dim=1)
 
-    def draw(scores: Tensor) -> Tensor:
-        weights = F.softmax(scores.masked_fill(~neg, -math.inf), dim=1)
-        # Rows without a negative are all-NaN after the softmax; give them a harmless uniform
-        # row so multinomial does not fail, then overwrite their draw with -1.
+    def draw(weights: Tensor) -> Tensor:
+        # Rows without a negative are all 0; give them a harmless uniform row so multinomial
+        # does not fail, then overwrite their draw with -1.
         weights = torch.where(has_neg.view(-1, 1), weights, 1.0)
         idx = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         return torch.where(has_neg, idx, -1)
 
-    return draw(logits), draw(logits.t())
+    return draw(p_text), draw(p_image)
 
 
 @torch.no_grad()
@@ -549,7 +543,8 @@ def combine_losses(terms: Mapping[str, Tensor], cfg: LossConfig) -> tuple[Tensor
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def itm_negative_probs(sim_i2t: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """The probabilities with which :func:`itm_hard_negatives` draws each hard negative.
+    """The probabilities with which :func:`itm_hard_negatives` draws each hard negative (it
+    draws from exactly these).
 
     Row i of the first matrix is image i's distribution over the texts of the batch,
     ``P(t_j) = exp s(i, t_j) / Σ_k exp s(i, t_k)`` with j and k running over the captions of a
@@ -571,6 +566,7 @@ def itm_negative_probs(sim_i2t: Tensor, image_ids: Tensor) -> tuple[Tensor, Tens
         raise ValueError(f"sim_i2t: expected shape [{batch}, {batch}], got {list(sim_i2t.shape)}")
     neg = image_ids.view(-1, 1) != image_ids.view(1, -1)  # [B, B], symmetric
     has_neg = neg.any(dim=1, keepdim=True)
+    # float32 at least: softmax of half logits loses the small probabilities multinomial needs.
     logits = sim_i2t.detach().to(torch.promote_types(sim_i2t.dtype, torch.float32))
 
     def probs(scores: Tensor) -> Tensor:

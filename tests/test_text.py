@@ -277,14 +277,21 @@ def test_image_tokens_change_the_fused_text(split, batch):
     assert (a - b).abs().max() > 1e-2
 
 
-@torch.no_grad()
-def test_masked_image_tokens_are_ignored(split, batch):
+def _partly_masked_image(split, batch):
+    """Text states of the batch, and 6 random image tokens per caption of which caption 0's
+    last two are masked out."""
     ids, mask = batch
     hidden = split.text_encoder(ids, mask)
     torch.manual_seed(0)
     image = torch.randn(len(CAPTIONS), 6, 384)
     image_mask = torch.ones(len(CAPTIONS), 6, dtype=torch.long)
     image_mask[0, 4:] = 0
+    return hidden, mask, image, image_mask
+
+
+@torch.no_grad()
+def test_masked_image_tokens_are_ignored(split, batch):
+    hidden, mask, image, image_mask = _partly_masked_image(split, batch)
     out = split.fusion_encoder(hidden, mask, image, image_mask)
     garbage = image.clone()
     garbage[0, 4:] = 1e3 * torch.randn(2, 384)
@@ -526,12 +533,7 @@ def test_fuse_with_attention_returns_the_weights_the_layers_used(split, batch):
 
 @torch.no_grad()
 def test_cross_attention_weights_leave_masked_image_tokens_out(split, batch):
-    ids, mask = batch
-    hidden = split.text_encoder(ids, mask)
-    torch.manual_seed(0)
-    image = torch.randn(len(CAPTIONS), 6, 384)
-    image_mask = torch.ones(len(CAPTIONS), 6, dtype=torch.long)
-    image_mask[0, 4:] = 0
+    hidden, mask, image, image_mask = _partly_masked_image(split, batch)
     _, weights = fuse_with_attention(split.fusion_encoder, hidden, mask, image, image_mask)
     _, alone = fuse_with_attention(split.fusion_encoder, hidden[:1], mask[:1], image[:1, :4])
     for w, a in zip(weights, alone, strict=True):
