@@ -1,8 +1,9 @@
-"""The naive (dense) SMR and GaLR of :mod:`cmpagl.rerank` as they were before the fast paths,
-kept verbatim as the reference the fast paths must reproduce exactly.
+"""The naive (dense) SMR and GaLR of :mod:`cmpagl.rerank`: the formulas as full-matrix
+operations, the reference the fast paths must reproduce exactly.
 
-Every step here is a full [N_img, N_txt] matrix operation: both softmaxes, W_map and its
-scaling on the whole matrix; GaLR's forward and backward competition ranks of every entry
+Every step here is a full [N_img, N_txt] matrix operation: both softmaxes (log P = x minus the
+row or column normalizer, each normalizer a log-sum-exp over the whole row or column), W_map
+and its scaling on the whole matrix; GaLR's forward and backward competition ranks of every entry
 (a sort and a binary search per row and per column). :mod:`cmpagl.rerank` computes the same
 numbers on each query's top-k lists only. ``tests/test_rerank.py`` asserts bit-for-bit equality
 on random matrices with exact ties; ``benchmarks/rerank_speed.py`` times both in one process.
@@ -56,12 +57,24 @@ def scale_on_topk(log_w: Tensor, mask: Tensor, dim: int, scale: str) -> Tensor:
     return torch.where(flat, torch.ones_like(ratio), scaled).masked_fill(~mask, 0.0)
 
 
+def log_normalizers(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(log Σ_j exp x[i, j] per row, log Σ_i exp x[i, j] per column), from exp(x - max x); a
+    range wider than 700 (or a non-finite entry) takes torch.logsumexp per dimension."""
+    low, high = x.min(), x.max()
+    if not (torch.isfinite(low) and torch.isfinite(high)) or float(high - low) > 700.0:
+        return torch.logsumexp(x, 1), torch.logsumexp(x, 0)
+    e = torch.exp(x - high)
+    return torch.log(e.sum(1)) + high, torch.log(e.sum(0)) + high
+
+
 def smr_weights(s_raw, tau_s: float, k: int, *, s_prob=None, scale: str = "max") -> RankingScores:
     """W_map per direction, dense: two full softmaxes, their sum, the scaling on every entry."""
     s = as_ranking(s_raw)
     p = s if s_prob is None else as_ranking(s_prob)
     tau_s, scale = _check_tau(tau_s), _check_scale(scale)
-    log_w = torch.log_softmax(p.i2t / tau_s, dim=1) + torch.log_softmax(p.t2i / tau_s, dim=0)
+    # row-major, as the library sums them (the summation order sets the normalizers' last bits)
+    x_i2t, x_t2i = (p.i2t / tau_s).contiguous(), (p.t2i / tau_s).contiguous()
+    log_w = (x_i2t - log_normalizers(x_i2t)[0][:, None]) + (x_t2i - log_normalizers(x_t2i)[1])
     return RankingScores(
         scale_on_topk(log_w, topk_mask(s.i2t, k, dim=1), 1, scale),
         scale_on_topk(log_w, topk_mask(s.t2i, k, dim=0), 0, scale),

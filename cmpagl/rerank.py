@@ -25,9 +25,9 @@ so no re-ranker breaks a tie by the order of the caption file.
 Outputs are float64: the offset that keeps non-candidates below the candidates, and the small
 weights SMR adds, must not round away ITC differences.
 
-**Cost.** SMR and GaLR change only each query's top-k, so they compute only there: SMR keeps
-torch's two full-matrix softmaxes (their sums set the last bits of W_map) and forms, scales
-and adds W_map on the top-k entries; GaLR ranks each candidate by counting, never ranks the
+**Cost.** SMR and GaLR change only each query's top-k, so they compute only there: SMR takes
+the row and column softmax normalizers from one exp of the whole matrix
+(:func:`log_normalizers`) and forms, scales and adds W_map on the top-k entries only; GaLR ranks each candidate by counting, never ranks the
 whole matrix. Both give the dense formulas' numbers bit for bit (the dense code is kept in
 ``benchmarks/rerank_reference.py``; ``tests/test_rerank.py`` compares them, ties included), and
 both compute on the CPU (inputs elsewhere are copied there), writing their two outputs into
@@ -90,7 +90,10 @@ def as_ranking(scores: Tensor | RankingScores | tuple[Tensor, Tensor]) -> Rankin
         return RankingScores(s, s)
     if not isinstance(scores, tuple) or len(scores) != 2:
         raise ValueError("scores must be an [N_img, N_txt] tensor or an (i2t, t2i) pair")
-    i2t, t2i = _matrix(scores[0], "i2t scores"), _matrix(scores[1], "t2i scores")
+    i2t = _matrix(scores[0], "i2t scores")
+    if scores[1] is scores[0] or (isinstance(scores, RankingScores) and scores.t2i is scores.i2t):
+        return RankingScores(i2t, i2t)  # still one matrix: computed once, not twice
+    t2i = _matrix(scores[1], "t2i scores")
     if i2t.shape != t2i.shape:
         raise ValueError(
             f"i2t and t2i scores differ in shape: {tuple(i2t.shape)} vs {tuple(t2i.shape)}"
@@ -133,27 +136,34 @@ class _TopkLists(NamedTuple):
         queries = torch.arange(self.index.shape[0])[:, None] * query_stride
         return queries + self.index * index_stride
 
+    def query_index(self) -> Tensor:
+        """[Q, K] int64: each entry's query (its row)."""
+        return torch.arange(self.index.shape[0])[:, None].expand_as(self.index)
+
     def entries(self, x: Tensor) -> Tensor:
         """[n] the valid entries of ``x`` [Q, K], query by query."""
         return x[self.valid] if self.padded else x.reshape(-1)
 
 
-def _topk_lists(rows: Tensor, k: int) -> _TopkLists:
-    """The entries of ``topk_mask(rows, k, dim=1)`` query by query (queries are rows), without
-    the [Q, N] mask.
+def _topk_lists(scores: Tensor, k: int, dim: int = 1) -> _TopkLists:
+    """The entries of ``topk_mask(scores, k, dim)`` query by query, without the mask: queries
+    are the rows (``dim=1``) or the columns (``dim=0``) of ``scores``.
 
     One ``topk`` of k + 1 settles every query whose (k+1)-th score is below its k-th: its
     candidates are exactly its top k. Only queries tied at the boundary (or holding NaN, which
     ``s >= kth`` excludes) are compared with their whole list, so K may exceed k. ``topk``
-    along contiguous rows is several times faster than along columns: callers pass column
-    queries as a contiguous transposed copy.
+    along contiguous rows is about 2x faster than along columns, which still beats a
+    transposed copy made only for it.
     """
     k = _check_k(k)
+    rows = scores if dim == 1 else scores.T  # a view: query q's list is rows[q]
     n_q, n = rows.shape
     if k >= n:
         index = torch.arange(n).expand(n_q, n)
         return _TopkLists(index, torch.ones(n_q, n, dtype=torch.bool), False)
-    values, index = rows.topk(k + 1, dim=1)
+    values, index = scores.topk(k + 1, dim=dim)
+    if dim == 0:
+        values, index = values.T, index.T  # [Q, k + 1], small
     kth = values[:, k - 1]
     settled = values[:, k] < kth
     if values.isnan().any():  # s >= kth leaves NaN out: those queries take the slow path
@@ -306,6 +316,32 @@ def _scale_on_topk(log_w: Tensor, mask: Tensor, dim: int, scale: str) -> Tensor:
     return torch.where(flat, torch.ones_like(ratio), scaled).masked_fill(~mask, 0.0)
 
 
+# exp(x - max x) of an entry at most this far below the maximum is a normal float64
+# (underflow starts near e^-708), so one shift serves every row and column sum.
+ONE_SHIFT_RANGE = 700.0
+
+
+def log_normalizers(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two softmax normalizers of ``x`` [N, M]: log Σ_j exp(x[i, j]) per row, [N], and
+    log Σ_i exp(x[i, j]) per column, [M], from a single exp of the matrix.
+
+    c = max(x) shifts every entry, so exp(x - c) <= 1 never overflows and, while
+    max(x) - min(x) <= :data:`ONE_SHIFT_RANGE`, no entry underflows either; both sums are then
+    read off the same exp(x - c) and c is added back. A wider range (a very small τ_s) or a
+    non-finite entry falls back to ``torch.logsumexp`` per dimension (a shift per row and per
+    column). ``scratch`` (contiguous, the shape of ``x``; may be ``x`` itself) receives
+    exp(x - c) instead of a fresh matrix. log_softmax(x, dim) = x - the normalizer.
+    """
+    low, high = torch.aminmax(x)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))) or float(
+        high - low
+    ) > ONE_SHIFT_RANGE:
+        return torch.logsumexp(x, 1), torch.logsumexp(x, 0)
+    e = torch.sub(x, high, out=scratch) if scratch is not None else x - high
+    e.exp_()
+    return e.sum(1).log_().add_(high), e.sum(0).log_().add_(high)
+
+
 class _SparseW(NamedTuple):
     """W_map of one direction on its queries' top-k entries (it is 0 everywhere else)."""
 
@@ -317,10 +353,9 @@ class _SparseW(NamedTuple):
         out.zero_().view(-1)[self.flat] = self.w
         return out
 
-    def add_to(self, s: Tensor, lam: float, out: Tensor | None = None) -> Tensor:
-        """S + λ·W: a copy of ``s`` (into ``out``, contiguous, if given) with λ·W added on the
-        top-k; the same numbers as the dense S + λ·W (S + λ·0 = S)."""
-        out = torch.empty(s.shape, dtype=s.dtype) if out is None else out
+    def add_to(self, s: Tensor, lam: float, out: Tensor) -> Tensor:
+        """``out`` (contiguous [N_img, N_txt]) = S + λ·W, ``s`` of any strides; the same
+        numbers as the dense S + λ·W (S + λ·0 = S)."""
         if not math.isfinite(lam):  # λ·0 is NaN off the top-k: the dense formula says so
             return s + lam * self.dense(out)
         out.copy_(s).view(-1)[self.flat] = torch.take(s, self.flat) + lam * self.w
@@ -346,32 +381,35 @@ def _smr_inputs(
 
 def _smr_sparse(
     s: RankingScores, p: RankingScores, tau_s: float, k: int, scale: str
-) -> tuple[tuple[_SparseW, _SparseW], list[Tensor]]:
-    """W_map of both directions on each query's top-k, and two spare [N_img, N_txt] matrices.
+) -> tuple[tuple[_SparseW, _SparseW], tuple[Tensor, Tensor]]:
+    """W_map of both directions on each query's top-k, and two matrices for the outputs.
 
-    The numbers are those of the dense formula (:func:`smr_weights`), bit for bit: W is read
-    only on the top-k, so only the top-k entries of log W are formed and scaled. The two
-    softmaxes stay torch's full-matrix kernels (their sums set the last bits of W); they write
-    into two scratch matrices, which the caller may then reuse (for S_opt).
+    Returns ``(W_i2t, W_t2i)`` and two free contiguous [N_img, N_txt] matrices for the
+    outputs (the first was the normalizers' scratch). The numbers are those of the dense
+    formula (:func:`smr_weights`; ``benchmarks/rerank_reference.py``), bit for bit: log W at an
+    entry is (x_i2t - row normalizer) + (x_t2i - column normalizer) with x = S_prob / τ_s, the
+    normalizers taken over the whole matrix by :func:`log_normalizers` (one exp of the matrix,
+    shared by both directions when S_prob is one matrix), and only the top-k entries of log W
+    are formed and scaled.
     """
     n_img, n_txt = s.i2t.shape
-    x, log_p = (torch.empty(n_img, n_txt, dtype=torch.float64) for _ in range(2))
-    columns = x.view(n_txt, n_img).copy_(s.t2i.T)  # each caption's list, contiguous
-    lists = (_topk_lists(s.i2t, k), _topk_lists(columns, k))
-    # offsets of every list entry in [N_img, N_txt]: images list columns, captions list rows
-    flat = (lists[0].flat(n_txt, 1), lists[1].flat(1, n_txt))
-    torch.div(p.i2t, tau_s, out=x)
-    torch.log_softmax(x, 1, out=log_p)
-    log_w = [log_p.take(f) for f in flat]
+    lists = (_topk_lists(s.i2t, k, dim=1), _topk_lists(s.t2i, k, dim=0))
+    spare = torch.empty(n_img, n_txt, dtype=torch.float64)
+    row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=spare), scratch=spare)
     if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix
-        torch.div(p.t2i, tau_s, out=x)
-    torch.log_softmax(x, 0, out=log_p)
-    log_w = [lw + log_p.take(f) for lw, f in zip(log_w, flat, strict=True)]
-    sparse = tuple(
-        _SparseW(top.entries(f), top.entries(_scale_on_topk(lw, top.valid, 1, scale)))
-        for f, top, lw in zip(flat, lists, log_w, strict=True)
-    )
-    return sparse, [x, log_p]
+        col_norm = log_normalizers(torch.div(p.t2i, tau_s, out=spare), scratch=spare)[1]
+    sparse = []
+    # offsets in [N_img, N_txt]: an image query lists columns, a caption query lists rows
+    for top, flat, image, caption in (
+        (lists[0], lists[0].flat(n_txt, 1), lists[0].query_index(), lists[0].index),
+        (lists[1], lists[1].flat(1, n_txt), lists[1].index, lists[1].query_index()),
+    ):
+        x_i2t = p.i2t.take(flat) / tau_s
+        x_t2i = x_i2t if p.t2i is p.i2t else p.t2i.take(flat) / tau_s
+        log_w = (x_i2t - row_norm[image]) + (x_t2i - col_norm[caption])
+        w = _scale_on_topk(log_w, top.valid, 1, scale)
+        sparse.append(_SparseW(top.entries(flat), top.entries(w)))
+    return (sparse[0], sparse[1]), (spare, torch.empty(n_img, n_txt, dtype=torch.float64))
 
 
 def smr_weights(
@@ -386,19 +424,20 @@ def smr_weights(
 
     P_i2t = row-softmax(S.i2t / τ_s), P_t2i = column-softmax(S.t2i / τ_s) and
     W_map = P_i2t ⊙ P_t2i, the probability that image and caption pick each other (computed in
-    log space: the product of two small probabilities underflows float32). S is ``s_prob``
-    when given (after ITM: :attr:`ItmScores.s_prob`, the scores without the non-candidate gap),
-    else ``s_raw``. W_i2t keeps W_map on each row's top-k of S_raw.i2t, W_t2i on each column's
-    top-k of S_raw.t2i, scaled per query to [0, 1] (``scale``: ``max`` or ``minmax``, see
-    :func:`_scale_on_topk`). A plain matrix stands for the pair (S, S).
+    log space, log P = x - :func:`log_normalizers`: the product of two small probabilities
+    underflows float32). S is ``s_prob`` when given (after ITM: :attr:`ItmScores.s_prob`, the
+    scores without the non-candidate gap), else ``s_raw``. W_i2t keeps W_map on each row's
+    top-k of S_raw.i2t, W_t2i on each column's top-k of S_raw.t2i, scaled per query to [0, 1]
+    (``scale``: ``max`` or ``minmax``, see :func:`_scale_on_topk`). A plain matrix stands for
+    the pair (S, S).
 
     Returns:
         (W_i2t, W_t2i), [N_img, N_txt] float64 in [0, 1], 1 at each query's most mutual pair.
     """
     s, p = _smr_inputs(s_raw, s_prob)
     tau_s, scale = _check_tau(tau_s), _check_scale(scale)
-    sparse, spare = _smr_sparse(s, p, tau_s, k, scale)
-    return RankingScores(*(w.dense(out) for w, out in zip(sparse, spare, strict=True)))
+    w, spare = _smr_sparse(s, p, tau_s, k, scale)
+    return RankingScores(*(w_d.dense(out) for w_d, out in zip(w, spare, strict=True)))
 
 
 def smr(
@@ -445,17 +484,17 @@ def smr_scorer(
     def score(tau_s: float, k: int, lam: float) -> RankingScores:
         if not lam >= 0:
             raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
-        spare: list[Tensor] = []
+        spare: tuple[Tensor, ...] = ()
         if (tau_s, k) not in cache:
             cache.clear()  # keep one W
             _, p = _smr_inputs(s, s_prob)
             tau, sc = _check_tau(tau_s), _check_scale(scale)
             cache[tau_s, k], spare = _smr_sparse(s, p, tau, k, sc)
-        w = cache[tau_s, k]
+        outs = spare or tuple(torch.empty(s.i2t.shape, dtype=torch.float64) for _ in range(2))
         return RankingScores(
             *(
-                w_d.add_to(s_d, lam, spare.pop() if spare else None)
-                for w_d, s_d in zip(w, s, strict=True)
+                w_d.add_to(s_d, lam, out)
+                for w_d, s_d, out in zip(cache[tau_s, k], s, outs, strict=True)
             )
         )
 

@@ -710,3 +710,30 @@ def test_fast_paths_keep_identical_captions_tied_at_retrieval_size():
         assert same(ours, ref)
         for m in (ours.i2t, ours.t2i):
             assert (m[:, 1::9] == m[:, :1]).all()
+
+
+def test_log_normalizers_match_logsumexp_and_survive_a_wide_range():
+    """One exp of the matrix gives both normalizers (the shift is the global max); a range
+    wider than float64's exp (τ_s tiny) falls back to a shift per row and column."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 11, generator=gen, dtype=torch.float64) * 30
+    rows, cols = rr.log_normalizers(x)
+    assert torch.allclose(rows, torch.logsumexp(x, 1), rtol=0, atol=1e-12)
+    assert torch.allclose(cols, torch.logsumexp(x, 0), rtol=0, atol=1e-12)
+    # 2,000 units apart: exp(x - max) would underflow to 0 for the low row; no -inf, no NaN
+    wide = x.clone()
+    wide[0] -= 2000.0
+    rows, cols = rr.log_normalizers(wide)
+    assert torch.isfinite(rows).all() and torch.isfinite(cols).all()
+    assert torch.allclose(rows, torch.logsumexp(wide, 1), rtol=0, atol=1e-9)
+    # SMR at such a τ_s: W finite, and each query's best mutual pair still gets 1
+    s = torch.rand(6, 9, generator=gen, dtype=torch.float64)
+    w = rr.smr_weights(s, 1e-4, 3)
+    assert torch.isfinite(w.i2t).all() and torch.isfinite(w.t2i).all()
+    assert (w.i2t.amax(1) == 1).all() and (w.t2i.amax(0) == 1).all()
+    # the scratch path writes exp(x - max) into the given matrix and gives the same numbers
+    scratch = torch.empty_like(x)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(rr.log_normalizers(x, scratch=scratch), rr.log_normalizers(x), strict=True)
+    )
