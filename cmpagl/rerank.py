@@ -25,13 +25,14 @@ so no re-ranker breaks a tie by the order of the caption file.
 Outputs are float64: the offset that keeps non-candidates below the candidates, and the small
 weights SMR adds, must not round away ITC differences.
 
-**Cost.** SMR and GaLR change only each query's top-k, so they compute only there: SMR takes
+**Cost.** SMR and GaLR change only each query's top-k, so they compute only there. SMR takes
 the row and column softmax normalizers from one exp of the whole matrix
-(:func:`log_normalizers`) and forms, scales and adds W_map on the top-k entries only; GaLR ranks each candidate by counting, never ranks the
-whole matrix. Both give the dense formulas' numbers bit for bit (the dense code is kept in
-``benchmarks/rerank_reference.py``; ``tests/test_rerank.py`` compares them, ties included), and
-both compute on the CPU (inputs elsewhere are copied there), writing their two outputs into
-the two [N_img, N_txt] matrices they use as scratch: a fresh matrix costs page faults too.
+(:func:`log_normalizers`) and forms, scales and adds W_map on the top-k entries only; GaLR
+ranks each candidate by counting and never ranks the whole matrix. Both give the dense
+formulas' numbers bit for bit (the dense code is kept in ``benchmarks/rerank_reference.py``;
+``tests/test_rerank.py`` compares them, ties included). Both compute on the CPU (inputs
+elsewhere are copied there) and write their two outputs into the two [N_img, N_txt] matrices
+they use as scratch: a fresh matrix costs page faults too.
 """
 
 from __future__ import annotations
