@@ -334,9 +334,10 @@ def log_normalizers(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, T
     exp(x - c) instead of a fresh matrix. log_softmax(x, dim) = x - the normalizer.
     """
     low, high = torch.aminmax(x)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))) or float(
-        high - low
-    ) > ONE_SHIFT_RANGE:
+    if (
+        not (bool(torch.isfinite(low)) and bool(torch.isfinite(high)))
+        or float(high - low) > ONE_SHIFT_RANGE
+    ):
         return torch.logsumexp(x, 1), torch.logsumexp(x, 0)
     e = torch.sub(x, high, out=scratch) if scratch is not None else x - high
     e.exp_()
