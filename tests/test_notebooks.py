@@ -47,6 +47,8 @@ SMALL = {
     "08_course.ipynb": lambda tmp, synthetic: {"executed_dir": _executed_chapters(tmp)},
     # reads the committed results/bench/ (no timing), so the defaults are already small
     "09_benchmarks.ipynb": lambda tmp, synthetic: {},
+    # reads the committed configs and results/ (no training), so the defaults are small
+    "10_reproduce.ipynb": lambda tmp, synthetic: {},
 }
 
 
