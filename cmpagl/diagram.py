@@ -169,7 +169,8 @@ def trace_pipeline(model: nn.Module, images: Tensor, captions: Sequence[str]) ->
     return steps
 
 
-BOX_W, BOX_H = 1.6, 1.05  # box size in layout units; one unit is about an inch
+BOX_W, BOX_H = 1.65, 1.15  # box size in layout units; one unit is about an inch
+LABEL_SIZE = 8.5  # arrow and loss labels (pt)
 
 
 def _box(ax, xy, step: Step, batch: int, color: str, fontsize: float) -> None:
@@ -197,7 +198,7 @@ def _box(ax, xy, step: Step, batch: int, color: str, fontsize: float) -> None:
     ax.text(
         x,
         y + BOX_H * 0.24,
-        textwrap.fill(step.label, 22),
+        textwrap.fill(step.label, 19),
         ha="center",
         va="center",
         fontsize=fontsize,
@@ -259,7 +260,7 @@ def _arrow(
             (start[0] + end[0]) / 2 + text_offset[0],
             (start[1] + end[1]) / 2 + text_offset[1],
             text,
-            fontsize=7.5,
+            fontsize=LABEL_SIZE,
             color=color,
             ha="center",
             va="bottom",
@@ -285,7 +286,7 @@ IMAGE_COLOR, TEXT_COLOR, FUSION_COLOR, HEAD_COLOR = "#dbe9f6", "#fde8cf", "#e3f1
 GLOBAL_COLOR, LOSS_COLOR = "#fadbd8", "#a93226"
 
 
-def draw_pipeline(steps: dict[str, Step], batch: int | None = None, fontsize: float = 7.5):
+def draw_pipeline(steps: dict[str, Step], batch: int | None = None, fontsize: float = 9.0):
     """The traced pipeline (:func:`trace_pipeline`) as a box diagram; returns the Figure.
 
     Top row: the image path (patch embedding, each Gswin stage). Below the last stage: the
@@ -298,7 +299,7 @@ def draw_pipeline(steps: dict[str, Step], batch: int | None = None, fontsize: fl
     batch = steps["image"].shape[0] if batch is None else batch
     stages = sorted((k for k in steps if k.startswith("stage")), key=lambda k: int(k[5:]))
     top = ["image", "patch_embed", *stages]
-    dx, dy = 1.85, 1.55
+    dx, dy = 1.95, 1.6
     last = (len(top) - 1) * dx
     pos = {k: (i * dx, 3 * dy) for i, k in enumerate(top)}
     pos.update(
@@ -335,7 +336,7 @@ def draw_pipeline(steps: dict[str, Step], batch: int | None = None, fontsize: fl
         vx + 0.08,
         vy - dy / 2,
         "ITC + triplet\n(cosine of v, t)",
-        fontsize=7.5,
+        fontsize=LABEL_SIZE,
         color=LOSS_COLOR,
         ha="left",
         va="center",
@@ -343,7 +344,13 @@ def draw_pipeline(steps: dict[str, Step], batch: int | None = None, fontsize: fl
     for head, name in (("itm", "ITM loss"), ("mlm", "MLM loss")):
         hx, hy = pos[head]
         ax.text(
-            hx, hy - BOX_H / 2 - 0.04, name, fontsize=7.5, color=LOSS_COLOR, ha="center", va="top"
+            hx,
+            hy - BOX_H / 2 - 0.04,
+            name,
+            fontsize=LABEL_SIZE,
+            color=LOSS_COLOR,
+            ha="center",
+            va="top",
         )
     ax.set_ylim(ax.get_ylim()[0] - 0.25, ax.get_ylim()[1])
     return fig
@@ -440,7 +447,7 @@ def trace_gswin_block(block: nn.Module, x: Tensor) -> dict[str, Step]:
     return steps
 
 
-def draw_gswin_block(steps: dict[str, Step], fontsize: float = 7.5):
+def draw_gswin_block(steps: dict[str, Step], fontsize: float = 9.0):
     """One traced Gswin block (:func:`trace_gswin_block`) as a box diagram; returns the Figure.
 
     The local path runs left to right along the bottom row; the global path (GWG, then GLWA)
@@ -448,7 +455,7 @@ def draw_gswin_block(steps: dict[str, Step], fontsize: float = 7.5):
     its forward FLOPs; the output box gives the block's total FLOPs.
     """
     batch = steps["x"].shape[0]
-    dx, dy = 1.85, 1.5
+    dx, dy = 1.95, 1.6
     line = ["x", "windows", "wmsa", "gate", "mlp", "out"]
     pos = {k: (i * dx, 0.0) for i, k in enumerate(line)}
     if "gwg" in steps:
