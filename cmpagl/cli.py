@@ -3,6 +3,7 @@
 ``cmpagl train --config X.yaml [--set a.b=v ...] [--resume DIR]``    train (METHOD §2-§4)
 ``cmpagl evaluate --checkpoint DIR [--split test] [--rerank smr]``   metrics + result file
 ``cmpagl retrieve --checkpoint DIR --text "..." | --image PATH``      ranked results
+``cmpagl retrieve --checkpoint DIR --interactive``                     queries from stdin
 ``cmpagl data stats PATH``       counts, caption statistics, repeated captions, cross-split images
 ``cmpagl data check PATH``       validate annotations and every image file
 ``cmpagl data synthetic OUT``    write the embedded synthetic dataset
@@ -286,8 +287,11 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         split_fingerprint,
     )
 
-    if (args.text is None) == (args.image is None):
-        raise _UsageError("give exactly one of --text or --image")
+    given = [args.text is not None, args.image is not None, args.interactive]
+    if sum(given) != 1:
+        raise _UsageError("give exactly one of --text, --image or --interactive")
+    if args.interactive and args.gallery:
+        raise _UsageError("--gallery draws one query's results; it does not go with --interactive")
     model, cfg, device = _load_for_eval(args)
     _prepare_synthetic(cfg.data)
     ds = dataset_from_config(cfg.data).split(args.split)
@@ -304,21 +308,66 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         f"split embeddings {'read from' if cached else 'computed and cached in'} "
         f"{cache.name} ({ds.num_images} images, {ds.num_captions} captions)"
     )
-    if args.text is not None:
-        hits = search_by_text(model, emb, ds, args.text, args.top)
-        print(f"images of the {args.split} split for: {args.text!r}")
-    else:
-        image = transform(load_image(args.image, image_reading_from_config(cfg.data))).to(device)
-        hits = search_by_image(model, emb, image, args.top)
-        print(f"captions of the {args.split} split for image {args.image}")
-    for rank, hit in enumerate(hits, 1):
-        print(f"{rank:>3}. {hit.score:+.4f}  {hit.label}")
+    reading = image_reading_from_config(cfg.data)
+
+    def answer(text: str | None, image_path: str | None) -> list:
+        if text is not None:
+            hits = search_by_text(model, emb, ds, text, args.top)
+            print(f"images of the {args.split} split for: {text!r}")
+        else:
+            image = transform(load_image(image_path, reading)).to(device)
+            hits = search_by_image(model, emb, image, args.top)
+            print(f"captions of the {args.split} split for image {image_path}")
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:>3}. {hit.score:+.4f}  {hit.label}")
+        return hits
+
+    if args.interactive:
+        return _retrieve_interactively(answer)
+    hits = answer(args.text, args.image)
     if args.gallery:
         from cmpagl.viz import save_gallery
 
         path = save_gallery(args.text or "", hits, ds, args.gallery, query_image=args.image)
         print(f"gallery: {path}")
     return 0
+
+
+# What a line that names a missing file probably meant to be (an image query).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def _retrieve_interactively(answer) -> int:
+    """Queries from standard input, one per line, each answered with the model and the split's
+    embeddings already in memory: a line naming an existing file is an image query, any other
+    line a text query; an empty line, ``quit`` or end of input stops. A query that fails (an
+    unreadable image, say) prints its one-line error and the loop goes on."""
+    import time
+
+    from cmpagl.data.dataset import DataError
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("one query per line (text, or the path of an image); an empty line ends")
+    while True:
+        if interactive:
+            print("query> ", end="", flush=True)
+        line = sys.stdin.readline()
+        query = line.strip()
+        if not line or not query or query == "quit":
+            return 0
+        start = time.perf_counter()
+        try:
+            path = Path(query).expanduser()
+            if path.is_file():
+                answer(None, str(path))
+            else:
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    print(f"note: there is no file {query}; searching for it as text")
+                answer(query, None)
+        except (DataError, OSError, ValueError) as err:
+            print(f"error: {err}")
+        print(f"({time.perf_counter() - start:.2f} s)", flush=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -382,6 +431,12 @@ def _add_train_parsers(sub) -> None:
             p.add_argument("--image", help="an image file to search captions with")
             p.add_argument("--top", type=int, default=5)
             p.add_argument("--gallery", help="also write the results as a PNG here")
+            p.add_argument(
+                "--interactive",
+                action="store_true",
+                help="answer queries from standard input, one per line (text, or an image's "
+                "path); the model and the split's embeddings load once",
+            )
             p.set_defaults(func=cmd_retrieve)
 
 

@@ -68,3 +68,62 @@ def test_cmpagl_retrieve_caches_beside_the_checkpoint(tiny_trained_run, tmp_path
     second = capsys.readouterr().out
     assert "read from .embeddings_best_test.pt" in second
     assert second.splitlines()[1:] == out.splitlines()[1:]  # the same ranking
+
+
+def test_interactive_retrieve_answers_each_line_with_the_model_loaded_once(
+    tiny_trained_run, tmp_path
+):
+    """Queries on standard input: text, an image path, an unreadable image (one error line, the
+    loop goes on), then the end of input. Each answer prints its time; the model loads once."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained_run, run)
+    _, cfg, ds, _, _ = _setup(run, tmp_path)
+    image = ds.image_dir / ds.filenames[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    queries = f"a red car\n{image}\n{broken}\ntwo planes\n{tmp_path / 'missing.jpg'}\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmpagl.cli",
+            "retrieve",
+            "--checkpoint",
+            str(run),
+            "--top",
+            "2",
+            "--interactive",
+        ],
+        input=queries,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert out.count("split embeddings") == 1  # loaded and embedded once
+    assert "images of the test split for: 'a red car'" in out
+    assert f"captions of the test split for image {image}" in out
+    assert "images of the test split for: 'two planes'" in out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    times = [
+        float(ln[1:-3]) for ln in out.splitlines() if ln.startswith("(") and ln.endswith(" s)")
+    ]
+    assert len(times) == 5 and max(times) < 5  # each query, the model already loaded
+    assert out.count("\n  1. ") == 4
+    assert f"note: there is no file {tmp_path / 'missing.jpg'}; searching for it as text" in out
+
+
+def test_retrieve_needs_exactly_one_kind_of_query(tiny_trained_run, capsys):
+    from cmpagl.cli import main
+
+    for args in ([], ["--text", "x", "--interactive"], ["--interactive", "--gallery", "g.png"]):
+        assert main(["retrieve", "--checkpoint", str(tiny_trained_run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "give exactly one of --text, --image or --interactive" in err
+    assert "--gallery draws one query's results" in err
