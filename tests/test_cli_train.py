@@ -118,7 +118,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--rerank", "magic"]) == 2
     assert "unknown re-ranker(s) magic" in capsys.readouterr().err
     assert main(["retrieve", "--checkpoint", str(tmp_path)]) == 2
-    assert "exactly one of --text or --image" in capsys.readouterr().err
+    assert "exactly one of --text, --image or --interactive" in capsys.readouterr().err
 
 
 def test_resume_command_is_what_the_user_typed(monkeypatch, tmp_path):
