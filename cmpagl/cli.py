@@ -340,8 +340,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 def _retrieve_interactively(answer) -> int:
     """Queries from standard input, one per line, each answered with the model and the split's
     embeddings already in memory: a line naming an existing file is an image query, any other
-    line a text query; an empty line, ``quit`` or end of input stops. A query that fails (an
-    unreadable image, say) prints its one-line error and the loop goes on."""
+    line a text query; an empty line, ``quit``, end of input or Ctrl-C stops. A query that
+    fails (an unreadable image, say) prints its one-line error and the loop goes on."""
     import time
 
     from cmpagl.data.dataset import DataError
@@ -352,7 +352,11 @@ def _retrieve_interactively(answer) -> int:
     while True:
         if interactive:
             print("query> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session quietly
+            print()
+            return 0
         query = line.strip()
         if not line or not query or query == "quit":
             return 0
