@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import matplotlib
 import pytest
 import torch
+from test_objective import tiny_model_config
 
 from cmpagl import diagram
-from cmpagl.config import ModelConfig
 from cmpagl.models.cmpagl import build_model
 from cmpagl.models.gswin import GswinBlock
 
@@ -21,11 +19,7 @@ CAPTIONS = ["two planes are parked near the terminal", "a green meadow"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(queue_size=16)
-    cfg.gswin = dataclasses.replace(
-        cfg.gswin, img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32
-    )
-    return build_model(cfg)
+    return build_model(tiny_model_config())
 
 
 def test_shape_and_count_text():
