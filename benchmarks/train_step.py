@@ -5,13 +5,20 @@ where the time goes (``torch.profiler``), optionally side by side with another c
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --config configs/ucm_cpu.yaml \
         --baseline HEAD~5 --rounds 2 --out results/bench/train_step.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --profile 20
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --config configs/ucm_cpu.yaml \
+        --versus configs/ucm_cpu_baseline.yaml --steps 4 --out results/bench/step_ratio.json
 
 A step is what the engine does per batch (:mod:`cmpagl.train`): every loss of the config,
 backward, gradient clipping, AdamW with the engine's parameter groups and the momentum update,
-under the engine's deterministic-kernel setting (``train.deterministic``), on a fixed batch of
-real captions and random images (data loading is not timed, as in the engine's own samples/s).
+under the engine's deterministic-kernel setting (``train.deterministic``), on a fixed batch:
+one real caption of each of B random images, random pixels (data loading is not timed, as in
+the engine's own samples/s).
 FLOPs of forward + backward come from ``torch.utils.flop_counter``; the machine's matmul peak
 is a 1024 x 1024 float32 matmul timed in the same process.
+
+``--versus CONFIG`` measures another config the same way, alternating the two ``--rounds`` times
+(each run in its own process), and prints the ratio of samples/s (e.g. how much faster the
+dual-encoder baseline's step is than full CMPAGL's).
 
 ``--baseline REF`` checks REF out into a temporary git worktree and runs this same script there
 (the library of REF, this file's measuring code), alternating baseline and current ``--rounds``
@@ -57,24 +64,32 @@ def _build(config: str, overrides: list[str], batch: int):
     optimizer = build_optimizer(model, cfg)
     captions = _captions(batch)
     images = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
-    ids = torch.arange(batch) // 2  # pairs of captions of one image, as real batches hold
+    ids = torch.arange(batch)  # one caption of each of B images, as the engine's batches hold
     return cfg, model, optimizer, images, captions, ids
 
 
 def _captions(n: int) -> list[str]:
-    """Real UCM captions where the shared data is present, else fixed remote-sensing ones."""
+    """One real UCM caption from each of ``n`` images drawn at random (seed 0) where the shared
+    data is present, else fixed remote-sensing ones.
+
+    Random images, not the first ones: the step's text cost grows with the longest caption of
+    the batch (batches are padded to it), and consecutive images of one class have captions of
+    similar length; the first 32 images' longest caption has 7 words, a random batch's 15-18,
+    as the engine's batches have (a fixed early batch made the step look ~25 % cheaper)."""
     try:
         from cmpagl.paths import ucm_subset_dir
 
         data = json.loads((ucm_subset_dir() / "dataset.json").read_text())
-        pool = [s["raw"] for im in data["images"] for s in im["sentences"]]
+        per_image = [[s["raw"] for s in im["sentences"]] for im in data["images"]]
     except (OSError, ValueError, KeyError):
-        pool = [
-            "there are two white planes parked near the runway",
-            "many buildings and green trees are around the parking lot with many cars",
-            "a river passes through the forest with dense green trees on both sides",
+        per_image = [
+            ["there are two white planes parked near the runway"],
+            ["many buildings and green trees are around the parking lot with many cars"],
+            ["a river passes through the forest with dense green trees on both sides"],
         ]
-    return [pool[(7 * i) % len(pool)] for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randperm(max(len(per_image), n), generator=g)[:n].remainder(len(per_image))
+    return [per_image[i][k % len(per_image[i])] for k, i in enumerate(picks.tolist())]
 
 
 def _step(model, optimizer, images, captions, ids, cfg, generator) -> None:
@@ -205,6 +220,25 @@ def compare(ref: str, argv: list[str], rounds: int) -> dict:
     }
 
 
+def versus(other: str, argv: list[str], rounds: int) -> dict:
+    """Alternate this config and ``other`` (same library, same batch) ``rounds`` times, each
+    in its own process; the ratio of median samples/s is how much faster ``other`` trains."""
+    config = argv[argv.index("--config") + 1]
+    other_argv = [*argv]
+    other_argv[argv.index("--config") + 1] = other
+    mine, theirs = [], []
+    for _ in range(rounds):
+        mine.append(_run_in(REPO, argv))
+        theirs.append(_run_in(REPO, other_argv))
+    rate_m = statistics.median(r["samples_per_s"] for r in mine)
+    rate_o = statistics.median(r["samples_per_s"] for r in theirs)
+    return {
+        "config": {"config": config, "runs": mine, "samples_per_s": rate_m},
+        "versus": {"config": other, "runs": theirs, "samples_per_s": rate_o},
+        "ratio_samples_per_s": rate_o / rate_m,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/ucm_cpu.yaml")
@@ -213,6 +247,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--profile", type=int, default=0, help="rows of the profiler table (0: off)")
     ap.add_argument("--baseline", help="git ref to measure side by side (temporary worktree)")
+    ap.add_argument(
+        "--versus", metavar="CONFIG", help="another config to measure side by side (ratio)"
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", help="write the result JSON here")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # child process of --baseline
@@ -221,7 +258,14 @@ def main() -> None:
     argv = ["--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps)]
     for o in args.overrides:
         argv += ["--set", o]
-    if args.baseline:
+    if args.versus:
+        result = versus(args.versus, [*argv, "--profile", "0"], args.rounds)
+        print(
+            f"{args.config}: {result['config']['samples_per_s']:.2f} samples/s; "
+            f"{args.versus}: {result['versus']['samples_per_s']:.2f} samples/s; "
+            f"ratio x{result['ratio_samples_per_s']:.2f}"
+        )
+    elif args.baseline:
         result = compare(args.baseline, [*argv, "--profile", str(args.profile)], args.rounds)
         for name in ("baseline", "current"):
             run = result[name]["runs"][-1]
