@@ -55,7 +55,10 @@ CMPAGL_DATA ?= ../shared/data
 BOOK_MODEL := runs/book_model
 BOOK_CONFIG := $(if $(wildcard $(CMPAGL_DATA)/ucm_captions_subset16/dataset.json),configs/ucm_book.yaml,configs/synthetic_tiny.yaml)
 
-executed/05_train.ipynb: notebooks/05_train.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
+# A changed book config (or the config it is based on) re-executes the training chapter and the
+# chapters that show the model; a runs/book_model of the old config is refused, never overwritten.
+executed/05_train.ipynb: notebooks/05_train.ipynb $(VENV)/.installed $(BOOK_CONFIG) configs/ucm_cpu.yaml \
+		$(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
 	@mkdir -p executed
 	@echo "the book's model: $(BOOK_CONFIG) -> $(BOOK_MODEL) (trained once, then reused)"
 	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@ \
