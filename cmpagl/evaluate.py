@@ -6,7 +6,8 @@ grid_search`), applies them once to the requested split and writes two artifacts
 other (house style habit 10):
 
 * ``results_<split>.json``: metric keys per re-ranker (standard, ``*_pess``, ``*_index`` (the
-  public evaluators' tie convention), ``dup_*``), the ``oracle_*`` bound once, per re-ranker the
+  public evaluators' tie convention), ``dup_*``), the ``oracle_*`` bound and the ``chance_*``
+  level once (:func:`cmpagl.metrics.chance_recall`), per re-ranker the
   chosen settings with the validation grid, its size and whether each chosen value lies on the
   edge of its axis (``tuning``), timings, the resolved config, checkpoint path, git commit,
   torch version and hardware;
@@ -42,6 +43,7 @@ from cmpagl.metrics import (
     DEFAULT_KS,
     RetrievalRanks,
     TieRanks,
+    chance_recall,
     oracle_upper_bound,
     ranks_to_metrics,
     retrieval_ranks,
@@ -405,6 +407,7 @@ def evaluate_model(
         "metrics": metrics,
         "tie_conventions": TIE_CONVENTIONS,
         "oracle": oracle_upper_bound(txt2img, captions),
+        "chance": chance_recall(txt2img, n_img=len(target.emb.image_embed)),
         "tuning": {n: tuning[n] for n in tuned},
         "smr": _smr_view(tuning),
         "itm": _itm_summary(target, val, itm_k),
@@ -500,7 +503,8 @@ def saved_evaluation(
     It answers when ``results_<split>.json`` and ``scores_<split>.pt`` are both there, the
     result was written after the checkpoint's ``meta.json``, on the same dataset
     (``data.name``), with the same retrieval settings (every grid) and with every re-ranker of
-    ``rerankers``. :func:`cmpagl.runs.evaluate_best` reuses an evaluation by this test too.
+    ``rerankers`` (and in the current format: with the chance level).
+    :func:`cmpagl.runs.evaluate_best` reuses an evaluation by this test too.
 
     Returns:
         The content of ``results_<split>.json``, or None.
@@ -522,7 +526,8 @@ def saved_evaluation(
         and saved.get("retrieval") == json.loads(json.dumps(to_dict(cfg.retrieval)))
         and saved.get("data", {}).get("name") == cfg.data.name
     )
-    return res if same and set(names) <= set(res.get("metrics", {})) else None
+    complete = set(names) <= set(res.get("metrics", {})) and "chance" in res  # older files lack it
+    return res if same and complete else None
 
 
 def evaluate_or_read(

@@ -33,6 +33,7 @@ __all__ = [
     "paired_differences_markdown",
     "provenance_lines",
     "seed_table_markdown",
+    "settings_text",
     "summarize",
     "val_curve",
 ]
@@ -43,6 +44,40 @@ KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 RERANKERS = ("none", "itm", "smr", "itm+smr")
 
 Entry = Mapping[str, Any]
+
+#: How the book writes the re-rankers' settings (keys of ``tuning[name]["params"]``).
+SETTING_SYMBOLS = {
+    "tau_s": "τ_s",
+    "lam": "λ",
+    "tau": "τ",
+    "itm_k": "k",
+    "wp1": "w_p1",
+    "wp2": "w_p2",
+}
+
+
+def settings_text(tuning: Mapping[str, Any] | None) -> str:
+    """One re-ranker's chosen settings as the book writes them, from its entry in an
+    evaluation's ``tuning`` (:func:`cmpagl.evaluate.evaluate_model`): ``"τ_s 0.002*, k 50*,
+    λ 2"``, where * marks a value on the edge of its validation grid; ``"off (no gain on val)"``
+    when no setting beat no re-ranking on validation; ``" (fixed)"`` appended for settings taken
+    from the config rather than searched; ``"ITM k 16; "`` first for ITM + SMR. ``""`` for None
+    (no re-ranker, or nothing recorded).
+    """
+    if tuning is None:
+        return ""
+    if tuning.get("params") is None:
+        return "off (no gain on val)"
+    edge = tuning.get("on_edge") or {}
+
+    def value(key: str, v: Any) -> str:
+        text = f"{v:g}" if isinstance(v, float) else str(v)
+        return SETTING_SYMBOLS.get(key, key) + " " + text + ("*" if edge.get(key) else "")
+
+    text = ", ".join(value(k, v) for k, v in tuning["params"].items())
+    if tuning.get("itm_k") is not None:
+        text = f"ITM k {tuning['itm_k']}; " + text
+    return text + (" (fixed)" if tuning.get("source") == "config" else "")
 
 
 def mean_sd(values: Sequence[float], digits: int = 2, signed: bool = False) -> str:

@@ -461,6 +461,7 @@ def result_record(
         "choices": {r: t.get("params") for r, t in tuning.items()},
         "smr": evaluation.get("smr"),
         "oracle": evaluation.get("oracle"),
+        "chance": evaluation.get("chance"),
         "device": hardware.get("device"),
         "hardware": hardware,
         "git_commit": evaluation.get("git_commit"),

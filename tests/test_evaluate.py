@@ -85,6 +85,11 @@ def test_result_file_holds_every_reranker(run):
             assert 0.0 <= m[key] <= 100.0
         assert not any(k.startswith("oracle_") for k in m)
     assert set(on_disk["oracle"]) == {f"oracle_{k}" for k in STANDARD}
+    # the chance level beside it: 10 images with 5 captions each, closed form by hand
+    chance = on_disk["chance"]
+    assert chance["chance_img_r5"] == pytest.approx(100 * 5 / 10)
+    none_in_1 = 45 / 50  # image->text R@1: one of the 50 captions, 5 of them its own
+    assert chance["chance_txt_r1"] == pytest.approx(100 * (1 - none_in_1))
     assert set(on_disk["tie_conventions"]) == {"", "_pess", "_index"}
     assert on_disk["n_images"] == 10 and on_disk["n_captions"] == 50
 
@@ -305,6 +310,13 @@ def test_evaluate_or_read_reads_only_an_evaluation_that_answers(run, cfg, tmp_pa
     shutil.copy2(out / "results_test.json", alone / "results_test.json")
     assert ev.saved_evaluation(alone, "test", checkpoint, cfg, ALL) is None
     assert ev.saved_evaluation(out, "test", checkpoint, cfg, ALL) is not None
+    # a file of the older format, without the chance level, is evaluated again
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    content = json.loads((older / "results_test.json").read_text())
+    del content["chance"]
+    (older / "results_test.json").write_text(json.dumps(content))
+    assert ev.saved_evaluation(older, "test", checkpoint, cfg, ALL) is None
 
 
 def naive_bootstrap_r_mean(hits, txt2img, idx) -> float:

@@ -23,6 +23,7 @@ from cmpagl.report import (
     paired_differences_markdown,
     provenance_lines,
     seed_table_markdown,
+    settings_text,
     summarize,
     val_curve,
 )
@@ -209,3 +210,17 @@ def test_t_quantiles_match_scipy():
 
     for df, t in enumerate(_T975, start=1):
         assert t == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4), df
+
+
+def test_settings_text_writes_what_validation_chose():
+    smr = {
+        "source": "val grid search",
+        "params": {"tau_s": 0.002, "k": 50, "lam": 2.0},
+        "on_edge": {"tau_s": True, "k": True, "lam": False},
+    }
+    assert settings_text(smr) == "τ_s 0.002*, k 50*, λ 2"
+    assert settings_text({**smr, "itm_k": 16}) == "ITM k 16; τ_s 0.002*, k 50*, λ 2"
+    fixed = {"source": "config", "params": {"tau": 0.01}, "on_edge": None}
+    assert settings_text(fixed) == "τ 0.01 (fixed)"
+    assert settings_text({"source": "val grid search", "params": None}) == "off (no gain on val)"
+    assert settings_text(None) == ""
