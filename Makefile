@@ -82,8 +82,10 @@ SWEEPS := experiments/sweeps/ucm_tuning.yaml experiments/sweeps/ucm_ablations.ya
 
 ## ablations: run every committed sweep spec (experiments/sweeps/*.yaml); hours on 2 CPU cores.
 ## Resumable: run it again after an interruption. Records go to results/<sweep>/, runs to runs/.
+## SWEEP_FLAGS=--commit commits each run's record as it lands (see the README).
+SWEEP_FLAGS ?=
 ablations: data
-	$(VENV)/bin/cmpagl sweep $(SWEEPS)
+	$(VENV)/bin/cmpagl sweep $(SWEEP_FLAGS) $(SWEEPS)
 
 ## bench: the benchmarks, each writing its record (machine, commit, date) to results/bench/:
 ## SMR and GaLR against their dense references side by side, evaluation time against test-set

@@ -5,6 +5,7 @@ notebook (``notebooks/05_train.ipynb``) by papermill, resumable across sessions 
     cmpagl sweep SPEC.yaml --dry-run                       # the runs and the state of each
     cmpagl sweep SPEC.yaml --table                         # the tables again, from the records
     cmpagl sweep SPEC.yaml --seeds 1 --only cmpagl         # a part (another machine, say)
+    cmpagl sweep SPEC.yaml --commit                        # git-commit each run's record
     cmpagl sweep SPEC.yaml -p rerankers '[none, smr]'      # a notebook parameter for every run
 
 A spec (relative paths are read from the repository root)::
@@ -49,6 +50,10 @@ another machine. A run interrupted mid-way has no record; it is executed again a
 continues from its checkpoint. A failed run is tried again (``retries``), then recorded as
 failed, shown in the table and listed at the end, and the command exits with status 1; the next
 invocation tries it again.
+
+``--commit`` commits the sweep's results folder to git after every run (that folder only,
+whatever else is staged or changed), so that a machine lost half-way through a long sweep loses
+at most the run in progress.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import difflib
 import io
 import json
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -592,6 +598,7 @@ def run_sweep(
     only: Sequence[str] = (),
     seeds: Sequence[int] = (),
     dry_run: bool = False,
+    commit: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> SweepReport:
     """Run every (variant, seed) of ``spec`` that has no ``ok`` record; write the table.
@@ -600,6 +607,7 @@ def run_sweep(
         extra: notebook parameters for every run, over the spec's (the command line's ``-p``).
         only, seeds: run only these variants / seeds (empty: all); the table covers all.
         dry_run: check everything, run nothing.
+        commit: after every run, :func:`commit_results` (records, tables) to git.
         log: where a line per run goes (default: above the progress bar).
 
     Raises:
@@ -648,11 +656,51 @@ def run_sweep(
             records[i] = _attempt(spec, runs[i], params[runs[i]], log)
             report.executed += 1
             write_tables(report)  # after every run: an interrupted sweep keeps its table
+            if commit:
+                commit_results(spec, f"{runs[i].label}: {_status(records[i])}", log)
             bar.update(1)
     finally:
         bar.close()
     write_tables(report)
     return report
+
+
+def commit_results(spec: SweepSpec, what: str, log: Callable[[str], None] = print) -> bool:
+    """``git add`` and ``git commit`` the sweep's results folder, and nothing else.
+
+    The commit names the sweep and ``what`` (e.g. ``"cmpagl seed 1: ok"``). Other changes in
+    the working tree and the index are left as they are. Where the folder is not in a git
+    repository, nothing changed, or git fails (another git process holding the index, say), one
+    line says so and the sweep goes on: the next run's commit includes this run's files.
+
+    Returns:
+        Whether a commit was made.
+    """
+    folder = spec.results
+    message = f"Sweep {spec.name}: {what}"
+    try:
+        subprocess.run(
+            ["git", "add", "--", "."], cwd=folder, check=True, capture_output=True, text=True
+        )
+        staged = subprocess.run(
+            ["git", "diff", "--cached", "--quiet", "--", "."], cwd=folder, capture_output=True
+        )
+        if staged.returncode == 0:
+            log(f"commit: nothing new in {portable_path(folder)}")
+            return False
+        subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", "."],
+            cwd=folder,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+        log(f"commit skipped ({portable_path(folder)}): {detail[-1] if detail else err}")
+        return False
+    log(f"committed {portable_path(folder)}: {message}")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,6 +999,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[], help="run only these seeds")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state")
     p.add_argument(
+        "--commit",
+        action="store_true",
+        help="after every run, git-commit the sweep's results folder (only it)",
+    )
+    p.add_argument(
         "--table",
         action="store_true",
         help="run nothing: write the tables (runs.csv, table.md, paired.md) from the records",
@@ -964,7 +1017,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     status = 0
     for spec in specs:
         quiet = args.dry_run or args.table
-        report = run_sweep(spec, extra, only=args.only, seeds=args.seeds, dry_run=quiet)
+        report = run_sweep(
+            spec, extra, only=args.only, seeds=args.seeds, dry_run=quiet, commit=args.commit
+        )
         if args.dry_run:
             print(plan_text(report))
             continue

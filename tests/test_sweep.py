@@ -459,3 +459,43 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
 
     assert paired_interval(report, "full", "worse").mean == -4.75
     assert paired_interval(report, "full", "full", "none", "smr").n == 3
+
+
+def test_commit_results_commits_the_results_folder_only(tmp_path):
+    """--commit: each run's record and tables go into one commit; the user's other changes,
+    staged or not, stay out of it; without a repository or with nothing new, one line."""
+    from cmpagl.experiments import commit_results
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    tuning_path, _ = _tuning_specs(tmp_path)
+    spec = load_spec(tuning_path)
+    lines: list[str] = []
+    spec.results.mkdir(parents=True)
+    assert not commit_results(spec, "m seed 0: ok", lines.append)  # not a repository yet
+    assert lines[-1].startswith("commit skipped")
+
+    git("init", "-q")
+    git("config", "user.email", "sweep@example.org")
+    git("config", "user.name", "sweep")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    git("add", "notes.txt")
+    git("commit", "-q", "-m", "start")
+    (tmp_path / "notes.txt").write_text("mine, edited and staged\n")
+    git("add", "notes.txt")
+    (tmp_path / "draft.txt").write_text("untracked\n")
+    _write_val_records(spec, {("m", 0): 5.0})
+    (spec.results / "runs.csv").write_text("variant\nm\n")
+
+    assert commit_results(spec, "m seed 0: ok", lines.append)
+    assert git("log", "-1", "--format=%s").strip() == f"Sweep {spec.name}: m seed 0: ok"
+    committed = set(git("show", "--name-only", "--format=", "HEAD").split())
+    results = spec.results.relative_to(tmp_path).as_posix()
+    assert committed == {f"{results}/runs.csv", f"{results}/m/seed0.json"}
+    assert git("diff", "--cached", "--name-only").split() == ["notes.txt"]  # still staged
+    assert "draft.txt" in git("status", "--porcelain")
+    assert not commit_results(spec, "m seed 0: ok", lines.append)  # nothing new
+    assert lines[-1].startswith("commit: nothing new")
