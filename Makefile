@@ -28,14 +28,12 @@ test: setup
 ## setup: the virtual environment with the pinned requirements and the package (editable)
 setup: $(VENV)/.installed
 
-# --no-compile: pip would byte-compile all ~18,000 files of the stack (80 s of CPU); Python
-# compiles the modules a run imports, once, when it first imports them.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "cmpagl needs Python 3.11, found " + sys.version' 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
-	$(PY) -m pip install --quiet --no-compile --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 ## data: the embedded synthetic dataset (idempotent; ~1 min the first time)
