@@ -237,8 +237,17 @@ def assert_same_run(out: Path, reference: str | Path) -> None:
     assert state_b["step"] == state_a["step"]
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test: a shell starts background jobs with SIGINT
+    ignored, and StopSignals then leaves it ignored on purpose (``make test &`` would fail)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_interrupted_run_checkpoints_its_step_and_resumes_exactly(
-    run_a, tiny_data, tmp_path, monkeypatch, capfd
+    run_a, tiny_data, tmp_path, monkeypatch, capfd, default_sigint
 ):
     """Run B gets a real SIGINT after step 5 (mid-epoch 1), then SIGINT and SIGTERM again while
     it writes the checkpoint that follows: ``last/`` holds step 5, complete, the exception
