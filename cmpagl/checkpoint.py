@@ -17,6 +17,7 @@ crash mid-write leaves the previous checkpoint untouched. :func:`load_checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cmpagl.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from cmpagl.paths import from_repo, repo_relative
 
 __all__ = [
     "CONFIG_FILE",
@@ -49,6 +51,7 @@ __all__ = [
     "git_commit",
     "load_checkpoint",
     "load_model_weights",
+    "portable_config",
     "read_meta",
     "save_checkpoint",
     "saved_checkpoints",
@@ -180,6 +183,34 @@ def git_commit() -> str | None:
     return git_state(Path(__file__).resolve().parent)
 
 
+def portable_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its paths (``output_dir``, ``data.root``, ``data.image_dir``) as saved
+    configs hold them: relative to the repository root where they lie beside it
+    (:func:`cmpagl.paths.repo_relative`), so a run folder moved to another checkout or machine
+    still finds its data. :func:`load_checkpoint` makes them absolute again."""
+    data = dataclasses.replace(
+        cfg.data,
+        root=_saved_path(cfg.data.root),
+        image_dir=_saved_path(cfg.data.image_dir),
+    )
+    return dataclasses.replace(cfg, output_dir=_saved_path(cfg.output_dir), data=data)
+
+
+def _saved_path(path: str | None) -> str | None:
+    return repo_relative(path) if path else path
+
+
+def _loaded_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The inverse of :func:`portable_config`: the saved paths as absolute paths here."""
+    data = dataclasses.replace(
+        cfg.data,
+        root=from_repo(cfg.data.root) if cfg.data.root else cfg.data.root,
+        image_dir=from_repo(cfg.data.image_dir) if cfg.data.image_dir else cfg.data.image_dir,
+    )
+    out = from_repo(cfg.output_dir) if cfg.output_dir else cfg.output_dir
+    return dataclasses.replace(cfg, output_dir=out, data=data)
+
+
 def _meta(
     cfg: ExperimentConfig, metrics: Mapping[str, Any] | None, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -190,7 +221,7 @@ def _meta(
         "python": platform.python_version(),
         "metrics": dict(metrics or {}),
         **dict(extra or {}),
-        "config": to_dict(cfg),
+        "config": to_dict(portable_config(cfg)),
     }
 
 
@@ -258,7 +289,7 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         save_model_weights(model, tmp / MODEL_FILE)
-        save_config(cfg, tmp / CONFIG_FILE)
+        save_config(portable_config(cfg), tmp / CONFIG_FILE)
         torch.save(dict(state or {}), tmp / STATE_FILE)
         # meta.json last: its presence marks a complete folder (see find_checkpoint)
         text = json.dumps(_meta(cfg, metrics, meta), indent=2, default=str)
@@ -347,7 +378,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _read_config(folder: Path) -> ExperimentConfig:
     try:
-        return load_config(folder / CONFIG_FILE)
+        return _loaded_paths(load_config(folder / CONFIG_FILE))
     except ConfigError as err:
         raise CheckpointError(f"{folder}: bad {CONFIG_FILE}: {err}") from err
 

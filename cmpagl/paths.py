@@ -15,6 +15,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_SHARED_DATA = "CMPAGL_DATA"
 
 
+def repo_relative(path: str | os.PathLike[str]) -> str:
+    """``path`` as a saved config holds it: relative to the repository root when it lies in the
+    folder holding the checkout (the repository itself, or ``../shared`` beside it), so a run
+    folder copied to another checkout or machine still finds its data; else absolute. A
+    relative ``path`` is read from the working folder first. Inverse: :func:`from_repo`."""
+    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        absolute.relative_to(REPO_ROOT.parent)
+    except ValueError:
+        return str(absolute)
+    return os.path.relpath(absolute, REPO_ROOT)
+
+
+def from_repo(path: str | os.PathLike[str]) -> str:
+    """A saved path (:func:`repo_relative`) as an absolute path of this checkout."""
+    path = Path(path).expanduser()
+    return str(path if path.is_absolute() else Path(os.path.normpath(REPO_ROOT / path)))
+
+
 def shared_data_dir() -> Path:
     """The shared real-data folder: ``$CMPAGL_DATA`` if set, else ``<repo>/../shared/data``.
 

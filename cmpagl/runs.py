@@ -66,6 +66,7 @@ RESULT_FILE = "result.json"
 SAME_RUN_IGNORES: tuple[str, ...] = (
     "output_dir",
     "data.root",
+    "data.image_dir",
     "data.num_workers",
     "train.device",
     "train.num_threads",

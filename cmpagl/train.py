@@ -47,6 +47,7 @@ from cmpagl.checkpoint import (
     copy_checkpoint,
     find_checkpoint,
     load_checkpoint,
+    portable_config,
     save_checkpoint,
     saved_checkpoints,
 )
@@ -591,7 +592,8 @@ def _warn_config_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> None
             return {prefix: d}
         return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
 
-    old, new = flat(to_dict(saved)), flat(to_dict(cfg))
+    # paths compared as saved: "data/x" from the repository root and its absolute form agree
+    old, new = flat(to_dict(portable_config(saved))), flat(to_dict(portable_config(cfg)))
     changed = [
         k.rstrip(".")
         for k in sorted(set(old) | set(new))
@@ -739,7 +741,7 @@ def train(
             run = _prepare(cfg, ctx, resume, on_step, config_path)
             if ctx.main:
                 run.out.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, run.out / "config.yaml")
+                save_config(portable_config(cfg), run.out / "config.yaml")
             stopped = None
             with StopSignals(announce=ctx.main) as run.signals:
                 run.run()

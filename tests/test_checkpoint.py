@@ -57,3 +57,33 @@ def test_loading_into_another_architecture_names_key_shapes_and_settings(tmp_pat
     # the same architecture loads, whatever else differs
     same = Tiny(ModelConfig(embed_dim=8, queue_size=cfg.model.queue_size, momentum=0.9))
     load_checkpoint(tmp_path / "ckpt", model=same)
+
+
+def test_a_run_folder_moved_to_another_checkout_finds_its_data(tmp_path, monkeypatch):
+    """Saved configs hold paths relative to the repository root (the repository's own folders
+    and ``../shared`` beside it), so a run folder copied to another checkout reads that
+    checkout's data; a path elsewhere stays absolute."""
+    import cmpagl.paths as paths
+
+    first, second = tmp_path / "a" / "main", tmp_path / "b" / "clone"
+    monkeypatch.setattr(paths, "REPO_ROOT", first)
+    cfg = ExperimentConfig()
+    cfg.model.embed_dim = 8
+    cfg.output_dir = str(first / "runs" / "book_model")
+    cfg.data.root = str(first / ".." / "shared" / "data" / "ucm")
+    cfg.data.image_dir = str(tmp_path / "elsewhere" / "images")
+    run = save_checkpoint(first / "runs" / "book_model" / "best", Tiny(cfg.model), cfg)
+    saved = (run / "config.yaml").read_text()
+    assert "output_dir: runs/book_model" in saved
+    assert "root: ../shared/data/ucm" in saved
+    assert str(first) not in saved  # no folder of the machine that wrote it
+    assert f"image_dir: {tmp_path / 'elsewhere' / 'images'}" in saved
+
+    moved = second / "runs" / "book_model"
+    moved.parent.mkdir(parents=True)
+    (first / "runs" / "book_model").rename(moved)
+    monkeypatch.setattr(paths, "REPO_ROOT", second)
+    _, loaded, _ = load_checkpoint(moved / "best", model=Tiny(cfg.model))
+    assert loaded.data.root == str(tmp_path / "b" / "shared" / "data" / "ucm")
+    assert loaded.output_dir == str(moved)
+    assert loaded.data.image_dir == cfg.data.image_dir
