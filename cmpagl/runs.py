@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from cmpagl.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
 from cmpagl.fileio import atomic_write_text
 from cmpagl.lock import run_lock
@@ -187,6 +189,38 @@ def _resume_checkpoint(run_dir: Path) -> Path:
         return find_checkpoint(run_dir / "best")
 
 
+def override_list(value: str | Sequence[str]) -> list[str]:
+    """Overrides as a list. ``papermill -p overrides ...`` passes a string: a YAML list
+    (``"[train.epochs=3, loss.w_tri=0]"``) or one override (``"train.epochs=3"``); ``-y``
+    passes the list itself.
+
+    Raises:
+        ConfigError: a string that is neither, or a list holding something else than strings.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if not text.startswith("["):
+            return [text]
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"overrides {value!r}: not a YAML list ({str(err).splitlines()[0]}); "
+                "write e.g. [train.epochs=3, loss.w_tri=0]",
+                key="overrides",
+            ) from None
+        value = parsed if isinstance(parsed, list) else [parsed]
+    items = list(value)
+    bad = [x for x in items if not isinstance(x, str)]
+    if bad:
+        raise ConfigError(
+            f"overrides must be key=value strings, got {bad[0]!r} in {items!r}", key="overrides"
+        )
+    return items
+
+
 def plan_run(
     config: str | os.PathLike[str],
     overrides: Sequence[str] = (),
@@ -216,8 +250,7 @@ def plan_run(
     """
     if epochs < 0 or max_steps < 0:
         raise ValueError(f"the budget must be >= 0 (0: the config's), got {epochs=}, {max_steps=}")
-    if isinstance(overrides, str):  # a single string would be read character by character
-        raise TypeError(f"overrides must be a list of key=value strings, got {overrides!r}")
+    overrides = override_list(overrides)
     config_path = resolve_path(config)
     out = (
         resolve_path(output_dir)

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from cmpagl.config import ConfigError
-from cmpagl.runs import evaluate_best, plan_run, result_record, train_or_resume, training_curves
+from cmpagl.runs import (
+    evaluate_best,
+    override_list,
+    plan_run,
+    result_record,
+    train_or_resume,
+    training_curves,
+)
 
 NOTEBOOK = "05_train.ipynb"
 
@@ -183,6 +190,20 @@ def test_plan_run_rejects_an_unknown_reranker_before_training(tmp_path, small_sy
             rerankers=["none", "smrr"],
         )
     assert not (tmp_path / "r").exists()
+
+
+def test_overrides_as_papermill_passes_them():
+    """``-p overrides`` hands the notebook a string; ``-y`` a list. Both mean the same."""
+    assert override_list("[train.epochs=3, loss.w_tri=0]") == ["train.epochs=3", "loss.w_tri=0"]
+    assert override_list(["train.epochs=3"]) == ["train.epochs=3"]
+    assert override_list("train.epochs=3") == ["train.epochs=3"]
+    assert override_list("") == override_list([]) == []
+    with pytest.raises(ConfigError, match=r"not a YAML list.*write e.g. \[train.epochs=3"):
+        override_list("[train.epochs=3")
+    with pytest.raises(ConfigError, match="must be key=value strings, got 3"):
+        override_list("[3]")
+    plan = plan_run("configs/synthetic_tiny.yaml", "[train.epochs=2, loss.w_tri=0]", max_steps=1)
+    assert plan.cfg.train.epochs == 2 and plan.cfg.loss.w_tri == 0
 
 
 def test_plan_run_reads_relative_paths_from_the_repository_root(repo_root, tmp_path, monkeypatch):
