@@ -36,7 +36,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-## data: the embedded synthetic dataset (idempotent; ~1 min the first time)
+## data: the embedded synthetic dataset (idempotent; ~30 s the first time on 2 cores)
 data: setup
 	$(VENV)/bin/cmpagl data synthetic data/synthetic
 

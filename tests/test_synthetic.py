@@ -125,6 +125,21 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path, small_datase
     assert not np.array_equal(a, np.asarray(Image.open(other / "images" / "00000.png")))
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
+    """Rendering in two processes (what a 2-core machine does by default) writes the same
+    files as one: each image draws from its own random stream."""
+    size = dict(n_train=380, n_val=10, n_test=10, image_size=24, seed=5)
+    one = sy.generate_synthetic_dataset(tmp_path / "one", workers=1, **size)
+    two = sy.generate_synthetic_dataset(tmp_path / "two", workers=2, **size)
+    assert (one / "dataset.json").read_bytes() == (two / "dataset.json").read_bytes()
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert len(names) == 400 and names == sorted(p.name for p in (two / "images").iterdir())
+    for name in names:
+        assert (one / "images" / name).read_bytes() == (two / "images" / name).read_bytes()
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        sy.generate_synthetic_dataset(tmp_path / "bad", workers=-1, **size)
+
+
 def test_karpathy_json_structure(small_dataset: Path) -> None:
     data = _load(small_dataset)
     assert data["dataset"] == "synthetic"

@@ -7,9 +7,13 @@ one (:func:`generation_command` gives the command line that writes a missing one
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
+import os
 import re
 import shlex
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from cmpagl.fileio import atomic_write
 GENERATOR_NAME = "cmpagl.synthetic"
 GENERATOR_VERSION = 1
 _SHADOW = (1.0, 1.0)  # sun from the top left in the final image
+MIN_IMAGES_PER_WORKER = 200  # about 5 s of rendering: worth a process start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +89,30 @@ def _split_plan(n_train: int, n_val: int, n_test: int, seed: int) -> list[tuple[
 def _image_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of image ``index``: independent of every other image."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, index)))
+
+
+def _worker_count(workers: int, n_images: int) -> int:
+    """Processes for ``n_images``: ``workers``, or (0) one per available core, and one where a
+    process start (about half a second) would cost more than it saves."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per core), got {workers}")
+    if workers == 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, min(workers, n_images // MIN_IMAGES_PER_WORKER))
+
+
+def _render_images(
+    image_dir: Path, plan: list[tuple[int, tuple[str, str]]], image_size: int, seed: int
+) -> list[dict[str, Any]]:
+    """Render and write the images of ``plan`` ((index, (split, class)) pairs); their records."""
+    records = []
+    for index, (split, scene_class) in plan:
+        rng = _image_rng(seed, index)
+        spec = sample_scene(rng, scene_class)
+        captions = captions_for(spec, rng)
+        Image.fromarray(render_scene(spec, image_size, rng)).save(image_dir / f"{index:05d}.png")
+        records.append(_record(index, split, scene_class, captions, CAPTIONS_PER_IMAGE * index))
+    return records
 
 
 def _record(
@@ -154,10 +183,13 @@ def generate_synthetic_dataset(
     image_size: int = 128,
     seed: int = 0,
     overwrite: bool = False,
+    workers: int = 0,
 ) -> Path:
     """Write ``out_dir/images/{i:05d}.png`` and ``out_dir/dataset.json`` (Karpathy format).
 
-    Images ``0 .. n_train-1`` are train, then val, then test. Returns ``out_dir``. When
+    Images ``0 .. n_train-1`` are train, then val, then test. Returns ``out_dir``. ``workers``
+    processes render them (0: one per available core; small datasets render in this process);
+    the files are the same bytes whatever the number. When
     ``dataset.json`` already records the same generation parameters (its ``"generator"`` entry)
     nothing is done, unless ``overwrite``; the json is written last, so its presence means the
     images are complete.
@@ -176,13 +208,16 @@ def generate_synthetic_dataset(
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     json_path.unlink(missing_ok=True)  # stale until the new one is complete
-    records = []
-    for index, (split, scene_class) in enumerate(_split_plan(n_train, n_val, n_test, seed)):
-        rng = _image_rng(seed, index)
-        spec = sample_scene(rng, scene_class)
-        captions = captions_for(spec, rng)
-        Image.fromarray(render_scene(spec, image_size, rng)).save(image_dir / f"{index:05d}.png")
-        records.append(_record(index, split, scene_class, captions, CAPTIONS_PER_IMAGE * index))
+    plan = list(enumerate(_split_plan(n_train, n_val, n_test, seed)))
+    workers = _worker_count(workers, len(plan))
+    if workers == 1:
+        records = _render_images(image_dir, plan, image_size, seed)
+    else:  # images are independent (each its own random stream): the same bytes in any order
+        chunks = [plan[i :: 4 * workers] for i in range(4 * workers)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            render = functools.partial(_render_images, image_dir, image_size=image_size, seed=seed)
+            done = pool.map(render, chunks)
+            records = sorted((r for part in done for r in part), key=lambda r: r["imgid"])
     expected = {r["filename"] for r in records}
     for stale in image_dir.glob("*.png"):  # left over from a larger earlier generation
         if re.fullmatch(r"\d{5,}\.png", stale.name) and stale.name not in expected:
