@@ -146,15 +146,31 @@ class _TopkLists(NamedTuple):
         return x[self.valid] if self.padded else x.reshape(-1)
 
 
-def _topk_lists(scores: Tensor, k: int, dim: int = 1) -> _TopkLists:
+#: How far past the k-th entry ``topk`` looks: a query tied at its boundary (identical captions
+#: score alike) usually has all its tied entries inside this window, and then needs no full pass.
+TIE_WINDOW = 6
+
+
+def coarse_scores(scores: Tensor) -> Tensor | None:
+    """float64 scores rounded to float32, to select top-k entries from (about twice as fast),
+    or None for other dtypes. Rounding is monotone, so a query whose k-th and (k+1)-th rounded
+    scores differ has the same top-k as in float64; :func:`_topk_lists` settles the others
+    (rounded ties) in float64."""
+    return scores.float() if scores.dtype == torch.float64 else None
+
+
+def _topk_lists(scores: Tensor, k: int, dim: int = 1, coarse: Tensor | None = None) -> _TopkLists:
     """The entries of ``topk_mask(scores, k, dim)`` query by query, without the mask: queries
     are the rows (``dim=1``) or the columns (``dim=0``) of ``scores``.
 
-    One ``topk`` of k + 1 settles every query whose (k+1)-th score is below its k-th: its
-    candidates are exactly its top k. Only queries tied at the boundary (or holding NaN, which
-    ``s >= kth`` excludes) are compared with their whole list, so K may exceed k. ``topk``
-    along contiguous rows is about 2x faster than along columns, which still beats a
-    transposed copy made only for it.
+    One ``topk`` (of ``coarse``, :func:`coarse_scores`, when given) settles every query whose
+    (k+1)-th score is below its k-th: its candidates are exactly its top k. The others are tied
+    at the boundary in the selection scores: their candidates (every entry >= the query's k-th
+    score in ``scores``, so K may exceed k) are read off the entries past the boundary that the
+    ``topk`` returned (:data:`TIE_WINDOW` along rows, one along columns) when they end below the
+    tie, else from the query's whole list (as for a
+    query holding NaN, which ``s >= kth`` excludes). ``topk`` along contiguous rows is about
+    2x faster than along columns, which still beats a transposed copy made only for it.
     """
     k = _check_k(k)
     rows = scores if dim == 1 else scores.T  # a view: query q's list is rows[q]
@@ -162,27 +178,52 @@ def _topk_lists(scores: Tensor, k: int, dim: int = 1) -> _TopkLists:
     if k >= n:
         index = torch.arange(n).expand(n_q, n)
         return _TopkLists(index, torch.ones(n_q, n, dtype=torch.bool), False)
-    values, index = scores.topk(k + 1, dim=dim)
+    select = scores if coarse is None else coarse
+    # Along rows a wider topk costs next to nothing; along columns it costs a third more, and
+    # a column ties at its boundary only where two images score alike (duplicated images)
+    values, index = select.topk(min(k + (TIE_WINDOW if dim == 1 else 1), n), dim=dim)
     if dim == 0:
-        values, index = values.T, index.T  # [Q, k + 1], small
+        values, index = values.T, index.T  # [Q, window], small
     kth = values[:, k - 1]
     settled = values[:, k] < kth
-    if values.isnan().any():  # s >= kth leaves NaN out: those queries take the slow path
+    has_nan = values.isnan().any(dim=1) if bool(values.isnan().any()) else None
+    if has_nan is not None:  # s >= kth leaves NaN out: those queries take the full pass
         settled &= ~values[:, :k].isnan().any(dim=1)
-    index = index[:, :k]
     if bool(settled.all()):
-        return _TopkLists(index, torch.ones(n_q, k, dtype=torch.bool), False)
-    tied = (~settled).nonzero().squeeze(1)
-    keep = rows[tied] >= kth[tied, None]  # [T, n]: the tied queries' masks
-    counts = keep.sum(dim=1)
+        return _TopkLists(index[:, :k], torch.ones(n_q, k, dtype=torch.bool), False)
+    tied = ~settled
+    # the window holds every entry >= kth when its last entry is below kth (rounding to float32
+    # is monotone: an entry >= the float64 k-th score rounds to >= kth)
+    inside = tied & (values[:, -1] < kth)
+    if has_nan is not None:
+        inside &= ~has_nan
+    queries, positions = [], []
+    near = inside.nonzero().squeeze(1)
+    if len(near):
+        exact = rows[near[:, None], index[near]]  # [T, window] the entries' scores
+        kth_exact = exact.topk(k, dim=1).values[:, k - 1] if coarse is not None else kth[near]
+        which, slot = (exact >= kth_exact[:, None]).nonzero(as_tuple=True)
+        queries.append(near[which])
+        positions.append(index[near[which], slot])
+    far = (tied & ~inside).nonzero().squeeze(1)
+    if len(far):
+        full = rows[far]  # [T, n]
+        kth_exact = full.topk(k, dim=1).values[:, k - 1] if coarse is not None else kth[far]
+        which, where = (full >= kth_exact[:, None]).nonzero(as_tuple=True)
+        queries.append(far[which])
+        positions.append(where)
+    query, position = torch.cat(queries), torch.cat(positions)
+    if len(queries) > 1:  # by query (stable: positions keep their order)
+        order = torch.sort(query, stable=True).indices
+        query, position = query[order], position[order]
+    counts = torch.bincount(query, minlength=n_q)
     width = max(k, int(counts.max()))
     padded = torch.zeros(n_q, width, dtype=torch.int64)
     valid = torch.zeros(n_q, width, dtype=torch.bool)
-    padded[:, :k], valid[:, :k] = index, True
+    padded[:, :k], valid[:, :k] = index[:, :k], True
     padded[tied], valid[tied] = 0, False
-    which, where = keep.nonzero(as_tuple=True)
-    slot = torch.arange(len(which)) - (counts.cumsum(0) - counts)[which]
-    padded[tied[which], slot], valid[tied[which], slot] = where, True
+    slot = torch.arange(len(query)) - (counts.cumsum(0) - counts)[query]
+    padded[query, slot], valid[query, slot] = position, True
     return _TopkLists(padded, valid, True)
 
 
@@ -395,7 +436,12 @@ def _smr_sparse(
     are formed and scaled.
     """
     n_img, n_txt = s.i2t.shape
-    lists = (_topk_lists(s.i2t, k, dim=1), _topk_lists(s.t2i, k, dim=0))
+    coarse = coarse_scores(s.i2t)
+    if s.t2i is not s.i2t:
+        lists = (_topk_lists(s.i2t, k, 1, coarse), _topk_lists(s.t2i, k, 0, coarse_scores(s.t2i)))
+    else:
+        lists = (_topk_lists(s.i2t, k, 1, coarse), _topk_lists(s.t2i, k, 0, coarse))
+    del coarse
     spare = torch.empty(n_img, n_txt, dtype=torch.float64)
     row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=spare), scratch=spare)
     if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix

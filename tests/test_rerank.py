@@ -618,24 +618,42 @@ def same(a: rr.RankingScores, b: rr.RankingScores) -> bool:
     return torch.equal(a.i2t, b.i2t) and torch.equal(a.t2i, b.t2i)
 
 
+def below_float32(n_img: int, n_txt: int, gen: torch.Generator) -> torch.Tensor:
+    """Scores whose differences are far below float32's resolution (1e-12 apart around
+    few levels): rounded to float32 nearly every boundary ties, in float64 none or some."""
+    levels = torch.randint(0, 3, (n_img, n_txt), generator=gen).double()
+    return 0.25 + levels / 4 + torch.randint(0, 4, (n_img, n_txt), generator=gen).double() * 1e-12
+
+
 def test_topk_lists_hold_exactly_the_topk_mask():
-    for s, k in random_cases(60, seed=1):
+    """Every way of selecting (along rows or columns, from the scores or from their float32
+    rounding) lists exactly the entries of the dense top-k mask, ties and NaN included."""
+    gen = torch.Generator().manual_seed(4)
+    extra = [(below_float32(7, 30, gen), k) for k in (1, 3, 8)]
+    for s, k in [*random_cases(60, seed=1), *extra]:
         for dim in (1, 0):
-            rows = s if dim == 1 else s.T.contiguous()
-            top = rr._topk_lists(rows, k)
-            mask = torch.zeros_like(rows, dtype=torch.bool)
-            query = torch.arange(rows.shape[0])[:, None].expand_as(top.index)
-            mask[query[top.valid], top.index[top.valid]] = True
-            assert int(top.valid.sum()) == int(mask.sum())  # no entry twice
-            want = rr.topk_mask(s, k, dim)
-            assert torch.equal(mask, want if dim == 1 else want.T)
+            for coarse in (None, rr.coarse_scores(s)):
+                top = rr._topk_lists(s, k, dim, coarse)
+                rows = s if dim == 1 else s.T
+                mask = torch.zeros_like(rows, dtype=torch.bool)
+                query = torch.arange(rows.shape[0])[:, None].expand_as(top.index)
+                mask[query[top.valid], top.index[top.valid]] = True
+                assert int(top.valid.sum()) == int(mask.sum())  # no entry twice
+                want = rr.topk_mask(s, k, dim)
+                assert torch.equal(mask, want if dim == 1 else want.T), (k, dim, coarse is None)
+    # the float32 rounding really ties where float64 does not (so the exact path is exercised)
+    s = extra[0][0]
+    assert (s.float()[:, :, None] == s.float()[:, None, :]).sum() > (
+        s[:, :, None] == s[:, None, :]
+    ).sum()
     # NaN: s >= kth leaves it out (and a NaN k-th score leaves every entry out), the lists too
     nan = float("nan")
     s = torch.tensor([[nan, 0.5, 0.3, 0.2], [0.1, nan, 0.9, 0.4], [nan, nan, 0.1, 0.2]])
-    top = rr._topk_lists(s, 2)
-    got = [sorted(top.index[q][top.valid[q]].tolist()) for q in range(3)]
-    assert got == [m.nonzero().squeeze(1).tolist() for m in rr.topk_mask(s, 2, 1)]
-    assert got == [[1], [2], []]
+    for coarse in (None, rr.coarse_scores(s.double())):
+        top = rr._topk_lists(s.double(), 2, 1, coarse)
+        got = [sorted(top.index[q][top.valid[q]].tolist()) for q in range(3)]
+        assert got == [m.nonzero().squeeze(1).tolist() for m in rr.topk_mask(s, 2, 1)]
+        assert got == [[1], [2], []]
 
 
 def test_count_greater_against_naive_both_ways():
