@@ -52,7 +52,7 @@ notebooks: data
 
 executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
 	@mkdir -p executed
-	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@
+	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@ $(PARAMS)
 
 # The book's model. The training chapter (05) trains it into runs/book_model on the real UCM
 # subset where the shared data is (CMPAGL_DATA, default ../shared/data), else on the synthetic
@@ -78,9 +78,8 @@ $(filter-out executed/05_train.ipynb,$(EXECUTED)): | executed/05_train.ipynb
 
 # The instructor's page reads every other chapter's run time, so it runs last; it says how many
 # chapters ran at once (their run times include that sharing of the cores).
-executed/08_course.ipynb: notebooks/08_course.ipynb $(VENV)/.installed $(filter-out executed/08_course.ipynb,$(EXECUTED))
-	@mkdir -p executed
-	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@ -p chapters_at_once $(BOOK_JOBS)
+executed/08_course.ipynb: $(filter-out executed/08_course.ipynb,$(EXECUTED))
+executed/08_course.ipynb: private PARAMS = -p chapters_at_once $(BOOK_JOBS)
 
 # The speed appendix reads the benchmark records (make bench writes them).
 executed/09_benchmarks.ipynb: $(wildcard results/bench/*.json)

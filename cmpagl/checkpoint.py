@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,27 +188,17 @@ def portable_config(cfg: ExperimentConfig) -> ExperimentConfig:
     configs hold them: relative to the repository root where they lie beside it
     (:func:`cmpagl.paths.repo_relative`), so a run folder moved to another checkout or machine
     still finds its data. :func:`load_checkpoint` makes them absolute again."""
-    data = dataclasses.replace(
-        cfg.data,
-        root=_saved_path(cfg.data.root),
-        image_dir=_saved_path(cfg.data.image_dir),
-    )
-    return dataclasses.replace(cfg, output_dir=_saved_path(cfg.output_dir), data=data)
+    return _map_paths(cfg, repo_relative)
 
 
-def _saved_path(path: str | None) -> str | None:
-    return repo_relative(path) if path else path
+def _map_paths(cfg: ExperimentConfig, fn: Callable[[str], str]) -> ExperimentConfig:
+    """``cfg`` with ``fn`` applied to each of its paths that is set."""
 
+    def f(path: str | None) -> str | None:
+        return fn(path) if path else path
 
-def _loaded_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The inverse of :func:`portable_config`: the saved paths as absolute paths here."""
-    data = dataclasses.replace(
-        cfg.data,
-        root=from_repo(cfg.data.root) if cfg.data.root else cfg.data.root,
-        image_dir=from_repo(cfg.data.image_dir) if cfg.data.image_dir else cfg.data.image_dir,
-    )
-    out = from_repo(cfg.output_dir) if cfg.output_dir else cfg.output_dir
-    return dataclasses.replace(cfg, output_dir=out, data=data)
+    data = dataclasses.replace(cfg.data, root=f(cfg.data.root), image_dir=f(cfg.data.image_dir))
+    return dataclasses.replace(cfg, output_dir=f(cfg.output_dir), data=data)
 
 
 def _meta(
@@ -378,7 +368,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _read_config(folder: Path) -> ExperimentConfig:
     try:
-        return _loaded_paths(load_config(folder / CONFIG_FILE))
+        return _map_paths(load_config(folder / CONFIG_FILE), from_repo)
     except ConfigError as err:
         raise CheckpointError(f"{folder}: bad {CONFIG_FILE}: {err}") from err
 

@@ -168,9 +168,9 @@ def _topk_lists(scores: Tensor, k: int, dim: int = 1, coarse: Tensor | None = No
     at the boundary in the selection scores: their candidates (every entry >= the query's k-th
     score in ``scores``, so K may exceed k) are read off the entries past the boundary that the
     ``topk`` returned (:data:`TIE_WINDOW` along rows, one along columns) when they end below the
-    tie, else from the query's whole list (as for a
-    query holding NaN, which ``s >= kth`` excludes). ``topk`` along contiguous rows is about
-    2x faster than along columns, which still beats a transposed copy made only for it.
+    tie, else from the query's whole list (as for a query holding NaN, which ``s >= kth``
+    excludes). ``topk`` along contiguous rows is about 2x faster than along columns, which
+    still beats a transposed copy made only for it.
     """
     k = _check_k(k)
     rows = scores if dim == 1 else scores.T  # a view: query q's list is rows[q]
@@ -198,20 +198,20 @@ def _topk_lists(scores: Tensor, k: int, dim: int = 1, coarse: Tensor | None = No
     if has_nan is not None:
         inside &= ~has_nan
     queries, positions = [], []
-    near = inside.nonzero().squeeze(1)
-    if len(near):
-        exact = rows[near[:, None], index[near]]  # [T, window] the entries' scores
-        kth_exact = exact.topk(k, dim=1).values[:, k - 1] if coarse is not None else kth[near]
+    # near: each tied query's window entries; far: its whole list ([T, window] / [T, n])
+    for group, lists in (
+        (inside, lambda q: index[q]),
+        (tied & ~inside, lambda q: torch.arange(n).expand(len(q), n)),
+    ):
+        q = group.nonzero().squeeze(1)
+        if not len(q):
+            continue
+        where = lists(q)
+        exact = rows[q[:, None], where]  # the entries' scores in ``scores``
+        kth_exact = exact.topk(k, dim=1).values[:, k - 1] if coarse is not None else kth[q]
         which, slot = (exact >= kth_exact[:, None]).nonzero(as_tuple=True)
-        queries.append(near[which])
-        positions.append(index[near[which], slot])
-    far = (tied & ~inside).nonzero().squeeze(1)
-    if len(far):
-        full = rows[far]  # [T, n]
-        kth_exact = full.topk(k, dim=1).values[:, k - 1] if coarse is not None else kth[far]
-        which, where = (full >= kth_exact[:, None]).nonzero(as_tuple=True)
-        queries.append(far[which])
-        positions.append(where)
+        queries.append(q[which])
+        positions.append(where[which, slot])
     query, position = torch.cat(queries), torch.cat(positions)
     if len(queries) > 1:  # by query (stable: positions keep their order)
         order = torch.sort(query, stable=True).indices
@@ -436,12 +436,10 @@ def _smr_sparse(
     are formed and scaled.
     """
     n_img, n_txt = s.i2t.shape
-    coarse = coarse_scores(s.i2t)
-    if s.t2i is not s.i2t:
-        lists = (_topk_lists(s.i2t, k, 1, coarse), _topk_lists(s.t2i, k, 0, coarse_scores(s.t2i)))
-    else:
-        lists = (_topk_lists(s.i2t, k, 1, coarse), _topk_lists(s.t2i, k, 0, coarse))
-    del coarse
+    coarse_i2t = coarse_scores(s.i2t)
+    coarse_t2i = coarse_i2t if s.t2i is s.i2t else coarse_scores(s.t2i)
+    lists = (_topk_lists(s.i2t, k, 1, coarse_i2t), _topk_lists(s.t2i, k, 0, coarse_t2i))
+    del coarse_i2t, coarse_t2i  # free before the full-size scratch below
     spare = torch.empty(n_img, n_txt, dtype=torch.float64)
     row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=spare), scratch=spare)
     if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix
