@@ -461,6 +461,26 @@ def test_index_ties_equal_the_peers_loop(seed):
     assert_close(pair, peers(tied, t2i, kind="stable", scores_t2i=other))
 
 
+def test_tiny_blocks_and_infinite_scores_agree_with_the_peers_loop():
+    # Counting runs in row blocks (columns summed across blocks for text->image) and reads each
+    # query's best positive off its (query, candidate) pairs: neither may change a rank, also
+    # where positives score -inf or a negative +inf, and with duplicate-text groups.
+    rng = np.random.default_rng(77)
+    t2i = random_txt2img(12, rng, 1, 5)
+    s = rng.integers(0, 3, size=(12, t2i.size)).astype(np.float64)
+    s[rng.random(s.shape) < 0.2] = -np.inf
+    s[rng.random(s.shape) < 0.05] = np.inf
+    other = rng.integers(0, 3, size=s.shape).astype(np.float64)
+    want = peers(s, t2i, kind="stable", scores_t2i=other)
+    texts = random_texts(t2i.size, rng)
+    full = m.evaluate_retrieval(s, t2i, texts, scores_t2i=other)
+    for max_elements in (1, 7, 40):
+        got = m.recall_at_k(s, t2i, ties="index", scores_t2i=other, max_elements=max_elements)
+        assert_close(got, want)
+        blocks = m.evaluate_retrieval(s, t2i, texts, scores_t2i=other, max_elements=max_elements)
+        assert_close(blocks, full, tol=0)
+
+
 def test_index_rank_by_hand_and_in_evaluate_retrieval():
     # Row 0: captions 0 (own), 1, 2 tie at the top; larger index first -> 2, 1, 0: rank 2.
     scores = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.5, 0.2, 0.9]])
