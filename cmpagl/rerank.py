@@ -423,12 +423,18 @@ def _smr_inputs(
 
 
 def _smr_sparse(
-    s: RankingScores, p: RankingScores, tau_s: float, k: int, scale: str
+    s: RankingScores,
+    p: RankingScores,
+    tau_s: float,
+    k: int,
+    scale: str,
+    buffers: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[tuple[_SparseW, _SparseW], tuple[Tensor, Tensor]]:
     """W_map of both directions on each query's top-k, and two matrices for the outputs.
 
-    Returns ``(W_i2t, W_t2i)`` and two free contiguous [N_img, N_txt] matrices for the
-    outputs (the first was the normalizers' scratch). The numbers are those of the dense
+    Returns ``(W_i2t, W_t2i)`` and two free contiguous [N_img, N_txt] float64 matrices for the
+    outputs (the first was the normalizers' scratch): ``buffers`` when given, else new ones.
+    The numbers are those of the dense
     formula (:func:`smr_weights`; ``benchmarks/rerank_reference.py``), bit for bit: log W at an
     entry is (x_i2t - row normalizer) + (x_t2i - column normalizer) with x = S_prob / τ_s, the
     normalizers taken over the whole matrix by :func:`log_normalizers` (one exp of the matrix,
@@ -440,7 +446,7 @@ def _smr_sparse(
     coarse_t2i = coarse_i2t if s.t2i is s.i2t else coarse_scores(s.t2i)
     lists = (_topk_lists(s.i2t, k, 1, coarse_i2t), _topk_lists(s.t2i, k, 0, coarse_t2i))
     del coarse_i2t, coarse_t2i  # free before the full-size scratch below
-    spare = torch.empty(n_img, n_txt, dtype=torch.float64)
+    spare = torch.empty(n_img, n_txt, dtype=torch.float64) if buffers is None else buffers[0]
     row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=spare), scratch=spare)
     if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix
         col_norm = log_normalizers(torch.div(p.t2i, tau_s, out=spare), scratch=spare)[1]
@@ -455,7 +461,8 @@ def _smr_sparse(
         log_w = (x_i2t - row_norm[image]) + (x_t2i - col_norm[caption])
         w = _scale_on_topk(log_w, top.valid, 1, scale)
         sparse.append(_SparseW(top.entries(flat), top.entries(w)))
-    return (sparse[0], sparse[1]), (spare, torch.empty(n_img, n_txt, dtype=torch.float64))
+    second = torch.empty(n_img, n_txt, dtype=torch.float64) if buffers is None else buffers[1]
+    return (sparse[0], sparse[1]), (spare, second)
 
 
 def smr_weights(
@@ -517,26 +524,37 @@ def smr_scorer(
     *,
     s_prob: Tensor | RankingScores | None = None,
     scale: str = "max",
+    reuse_outputs: bool = False,
 ) -> Callable[..., RankingScores]:
     """``(tau_s, k, lam) -> S_opt`` on fixed scores; W_map is reused while (τ_s, k) repeat.
 
     λ only scales W, so a grid that varies λ fastest computes one W per (τ_s, k). W is kept
     on the top-k entries only (:func:`_smr_sparse`); S_opt is a copy of S_raw with λ·W added
     there, the same numbers as the dense S_raw + λ·W.
+
+    ``reuse_outputs``: every call writes its S_opt pair into the same two matrices, so a
+    result is valid only until the next call (a grid search that reads each point's score
+    and drops it). Two new [N_img, N_txt] float64 matrices cost the kernel's zeroing of their
+    pages, a third of a call at the RSICD test size on 2 cores.
     """
     s = _cpu(as_ranking(s_raw))
     cache: dict[tuple[float, int], tuple[_SparseW, _SparseW]] = {}
+    kept: list[Tensor] = []  # the two output matrices, with reuse_outputs
 
     def score(tau_s: float, k: int, lam: float) -> RankingScores:
         if not lam >= 0:
             raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
         spare: tuple[Tensor, ...] = ()
+        buffers = (kept[0], kept[1]) if kept else None
         if (tau_s, k) not in cache:
             cache.clear()  # keep one W
             _, p = _smr_inputs(s, s_prob)
             tau, sc = _check_tau(tau_s), _check_scale(scale)
-            cache[tau_s, k], spare = _smr_sparse(s, p, tau, k, sc)
-        outs = spare or tuple(torch.empty(s.i2t.shape, dtype=torch.float64) for _ in range(2))
+            cache[tau_s, k], spare = _smr_sparse(s, p, tau, k, sc, buffers)
+        new = (torch.empty(s.i2t.shape, dtype=torch.float64) for _ in range(2))
+        outs = spare or buffers or tuple(new)
+        if reuse_outputs:
+            kept[:] = outs
         return RankingScores(
             *(
                 w_d.add_to(s_d, lam, out)
@@ -888,7 +906,8 @@ def grid_search_smr(
     """
     axes = smr_axes(grid_tau, grid_k, grid_lambda)
     _check_scale(scale)
-    score = smr_scorer(s_raw_val, s_prob=s_prob_val, scale=scale)
+    # each point is scored and dropped before the next: its two output matrices serve them all
+    score = smr_scorer(s_raw_val, s_prob=s_prob_val, scale=scale, reuse_outputs=True)
     found = grid_search(score, s_raw_val, txt2img_val, axes, captions_val, criterion=criterion)
     if found.params is None:
         return SmrParams(axes["tau_s"][0], axes["k"][0], 0.0), found

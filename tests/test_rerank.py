@@ -697,6 +697,15 @@ def test_fast_smr_equals_the_dense_reference_bit_for_bit():
     score = rr.smr_scorer(s)
     for tau, k, lam in itertools.product((0.05, 0.2), (1, 3), (0.1, 1.0)):
         assert same(score(tau, k, lam), REFERENCE.smr(s, tau, k, lam))
+    # ... and with its two output matrices reused: each result right until the next call,
+    # which writes into the same storage (a new (τ_s, k) uses them as scratch first)
+    score = rr.smr_scorer(s, reuse_outputs=True)
+    first = score(0.05, 3, 0.1)
+    storage = {first.i2t.data_ptr(), first.t2i.data_ptr()}
+    for tau, k, lam in itertools.product((0.05, 0.2), (1, 3), (0.1, 1.0)):
+        got = score(tau, k, lam)
+        assert {got.i2t.data_ptr(), got.t2i.data_ptr()} == storage
+        assert same(got, REFERENCE.smr(s, tau, k, lam)), (tau, k, lam)
 
 
 def test_fast_galr_equals_the_dense_reference_bit_for_bit():
