@@ -12,15 +12,18 @@ captions each (N_txt = 5 N_img):
   the number of fused (image, caption text) pairs, about (N_img + N_txt) · k.
 - ``smr``: SMR on S (:func:`cmpagl.rerank.smr`), cost N_img · N_txt · log2 N_txt (full-matrix
   softmaxes and per-query top-k).
+- ``recall``: the exact-tie recalls of a re-ranked pair, every tie mode
+  (:func:`cmpagl.metrics.evaluate_retrieval` with ``scores_t2i``), cost N_img · N_txt: what a
+  re-ranker's validation grid pays at every point.
 
-ITC and SMR run on random unit embeddings of the config's dimension d at sizes up to twice
-RSICD's test split; ITM runs the config's model (fresh weights: the time does not depend on
-them) on random images and generated captions, at smaller sizes (each pair is a pass through
-the fusion layers). Each stage's time is fitted as t = a + c · cost by least squares (a: the
-fixed cost of a call, c: seconds per unit of cost; R² printed), and its growth with N_img as a
-power law beside the cost model's own exponent over the same sizes: a measured exponent far
-above the model's says the stage does more work than its cost model, one below it that fixed
-costs still dominate at these sizes.
+ITC, SMR and the recalls run on random unit embeddings of the config's dimension d at sizes up
+to twice RSICD's test split; ITM runs the config's model (fresh weights: the time does not
+depend on them) on random images and generated captions, at smaller sizes (each pair is a pass
+through the fusion layers). Each stage's time is fitted as t = a + c · cost by least squares
+(a: the fixed cost of a call, c: seconds per unit of cost; R² printed), and its growth with
+N_img as a power law beside the cost model's own exponent over the same sizes: a measured
+exponent far above the model's says the stage does more work than its cost model, one below
+it that fixed costs still dominate at these sizes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bench_record import load_average, write_record
 
 from cmpagl import rerank as rr
 from cmpagl.config import load_config
+from cmpagl.metrics import evaluate_retrieval
 from cmpagl.models.cmpagl import build_model
 from cmpagl.retrieval import SplitEmbeddings, itc_scores, itm_rescore
 
@@ -94,8 +98,8 @@ def unit(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def matrix_stages(sizes: list[int], dim: int, repeats: int) -> dict[str, list[dict]]:
-    """ITC and SMR on random unit embeddings of dimension ``dim``."""
-    rows: dict[str, list[dict]] = {"itc": [], "smr": []}
+    """ITC, SMR and the recalls of SMR's pair on random unit embeddings of dimension ``dim``."""
+    rows: dict[str, list[dict]] = {"itc": [], "smr": [], "recall": []}
     gen = torch.Generator().manual_seed(0)
     for n in sizes:
         n_txt = CAPTIONS_PER_IMAGE * n
@@ -104,9 +108,14 @@ def matrix_stages(sizes: list[int], dim: int, repeats: int) -> dict[str, list[di
         s = itc_scores(emb)
         t_itc = median_time(lambda emb=emb: itc_scores(emb), repeats)
         t_smr = median_time(lambda s=s: rr.smr(s, 0.05, 10, 0.2), repeats)
+        pair, txt2img = rr.smr(s, 0.05, 10, 0.2), np.repeat(np.arange(n), CAPTIONS_PER_IMAGE)
+        t_recall = median_time(
+            lambda p=pair, t=txt2img: evaluate_retrieval(p.i2t, t, scores_t2i=p.t2i), repeats
+        )
         base = {"n_img": n, "n_txt": n_txt}
         rows["itc"].append({**base, "cost": n * n_txt * dim, "seconds": t_itc})
         rows["smr"].append({**base, "cost": n * n_txt * math.log2(n_txt), "seconds": t_smr})
+        rows["recall"].append({**base, "cost": n * n_txt, "seconds": t_recall})
     return rows
 
 
@@ -180,6 +189,7 @@ MODELS = {
     "itc": "N_img·N_txt·d",
     "itm": "fused pairs ≈ (N_img+N_txt)·k",
     "smr": "N_img·N_txt·log2 N_txt",
+    "recall": "N_img·N_txt",
 }
 
 
@@ -195,13 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
     load = load_average()
     dim = load_config(args.config).model.embed_dim
     print(
-        f"{torch.get_num_threads()} threads, load average before: {load}; ITC/SMR on random "
+        f"{torch.get_num_threads()} threads, load average before: {load}; ITC/SMR/recall on random "
         f"d={dim} embeddings, ITM with the model of {args.config} (k={args.itm_k})"
     )
     stages = matrix_stages(args.sizes, dim, args.repeats)
     stages["itm"] = itm_stage(args.config, args.itm_sizes, args.itm_k)
     result: dict = {"config": args.config, "threads": torch.get_num_threads(), "stages": {}}
-    for name in ("itc", "itm", "smr"):
+    for name in ("itc", "itm", "smr", "recall"):
         rows = stages[name]
         fitted = fit(
             [r["n_img"] for r in rows], [r["cost"] for r in rows], [r["seconds"] for r in rows]

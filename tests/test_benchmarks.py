@@ -96,7 +96,7 @@ def test_eval_scaling_fits_each_stage(tmp_path):
     proc = run_script(BENCH / "eval_scaling.py", [*args, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads(out.read_text())["stages"]
-    assert set(stages) == {"itc", "itm", "smr"}
+    assert set(stages) == {"itc", "itm", "smr", "recall"}
     assert [r["n_img"] for r in stages["itc"]["rows"]] == [20, 40, 80]
     assert [r["n_txt"] for r in stages["itm"]["rows"]] == [10, 20]
     for stage in stages.values():
@@ -104,6 +104,7 @@ def test_eval_scaling_fits_each_stage(tmp_path):
         assert set(stage["fit"]) >= {"seconds_per_unit", "fixed_seconds", "r2"}
     # the cost model's own exponent over 20, 40, 80 images: N_img · 5 N_img · d grows as N^2
     assert abs(stages["itc"]["fit"]["exponent_model"] - 2.0) < 1e-9
+    assert abs(stages["recall"]["fit"]["exponent_model"] - 2.0) < 1e-9
     assert "cost model" in proc.stdout
 
 
