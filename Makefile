@@ -12,6 +12,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
+# Bytecode: each module is compiled on its first import and cached (in .venv and here), which
+# costs a fraction of compiling every installed file at set-up (the book and the tests import
+# about a quarter of them). With PYTHONDONTWRITEBYTECODE set, every process would compile its
+# imports anew (torch, timm and transformers: about 30 s a process), so make's commands run
+# without it.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: book test setup data notebooks lab lint clean ablations bench
 .DELETE_ON_ERROR:
@@ -32,10 +38,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "cmpagl needs Python 3.11, found " + sys.version' 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# no compiling of all ~18,000 installed files (pip would, on one core): see the bytecode note
 	$(PY) -m pip install --quiet --no-compile -r requirements.txt
-	@# pip byte-compiles on one core; this on every core (50 s less on 2 cores). A few files
-	@# that only newer Pythons parse fail to compile, as they do under pip: not an error.
-	$(PY) -c 'import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=2, workers=0)'
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
