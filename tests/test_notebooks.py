@@ -104,3 +104,79 @@ def test_notebook_executes(repo_root, tmp_path, small_synthetic, name, request):
     assert images, "the notebook drew no figure"
     if name == "08_course.ipynb":
         assert "2 chapters at a time (sharing the cores)" in out.read_text()
+
+
+def _study_outputs(nb: dict) -> str:
+    """Every printed and Markdown output of an executed notebook, as one text."""
+    parts = []
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            if o["output_type"] == "stream":
+                parts.append("".join(o["text"]))
+            elif "text/markdown" in o.get("data", {}):
+                parts.append("".join(o["data"]["text/markdown"]))
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
+    """The ablations chapter on a study with every run finished (3 seeds), whose records are
+    copies of a committed record of the real study with their test mR shifted: the tables, the
+    paired intervals, the verdicts and the targets must all come out, as they will once the
+    study is done (the suite otherwise only sees the study as far as it has run)."""
+    import copy
+
+    import papermill as pm
+    import yaml
+
+    from cmpagl.experiments import load_spec, resolve_tuning, run_parameters
+
+    real = repo_root / "experiments" / "sweeps" / "ucm_ablations.yaml"
+    found = sorted((repo_root / "results" / "ucm_ablations").glob("*/seed*.json"))
+    if not found:
+        pytest.skip("no committed record of the ablation study yet (make ablations writes them)")
+    template = json.loads(found[0].read_text())
+    raw = yaml.safe_load(real.read_text())
+    raw.update(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    raw["tuned_by"] = str(repo_root / raw["tuned_by"])
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec, _ = resolve_tuning(load_spec(spec_path))
+    # per variant: a shift of its test mR against the full model, and a little noise per seed
+    shift = {v.name: -1.0 for v in spec.variants} | {"cmpagl": 0.0, "baseline": -3.0}
+    for run in spec.runs():
+        rec = copy.deepcopy(template)
+        rec.update(variant=run.variant.name, seed=run.seed, status="ok")
+        rec["overrides"] = run_parameters(spec, run)["overrides"]
+        delta = shift[run.variant.name] + 0.2 * ((run.seed * (len(run.variant.name) + 1)) % 3)
+        for metrics in rec["test"].values():
+            metrics["r_mean"] += delta
+        run.record_path.parent.mkdir(parents=True, exist_ok=True)
+        run.record_path.write_text(json.dumps(rec))
+
+    out = tmp_path / "04.ipynb"
+    pm.execute_notebook(
+        str(repo_root / "notebooks" / "04_seed_tables.ipynb"),
+        str(out),
+        parameters={"study": str(spec_path)},
+        kernel_name="python3",
+        cwd=str(repo_root / "notebooks"),
+        progress_bar=False,
+    )
+    nb = json.loads(out.read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+    text = _study_outputs(nb)
+    n = len(spec.variants)
+    assert f"{3 * n} of {3 * n} runs finished" in text
+    assert text.count(" | 3/3 | ") == n
+    assert f"oracle bound: mR {template['oracle']['oracle_r_mean']:.2f}" in text
+    assert "(n=3)" in text and "seed(s)" in text
+    # the noise is 0, 0.2, 0.4 over seeds 0-2 for cmpagl and 0 for baseline (name lengths)
+    lines = {x.split("  ")[0]: x for x in text.splitlines() if "(target" in x}
+    assert "+3.20" in lines["CMPAGL − baseline (none)"]
+    assert lines["CMPAGL − baseline (none)"].endswith("over 3 seeds (target +5): missed by 1.80")
+    smr = template["test"]["smr"]["r_mean"] - template["test"]["none"]["r_mean"]
+    verdict = "met" if smr >= 1 else f"missed by {1 - smr:.2f}"
+    assert lines["SMR − none (CMPAGL)"].endswith(f"over 3 seeds (target +1): {verdict}")
+    full = template["test"]["none"]["r_mean"] + 0.2
+    assert f"{full:.2f} over 3 seeds (target 30)" in lines["CMPAGL test mR (none)"]
