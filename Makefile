@@ -88,8 +88,10 @@ executed/08_course.ipynb: private PARAMS = -p chapters_at_once $(BOOK_JOBS)
 # The speed appendix reads the benchmark records (make bench writes them).
 executed/09_benchmarks.ipynb: $(wildcard results/bench/*.json)
 
-# The ablation tables are read from results/ (the sweeps' records), not recomputed.
+# The ablation tables are read from results/ (the sweeps' records), not recomputed; the
+# reproduction chapter shows each sweep's progress and the decisions' validation evidence.
 executed/04_seed_tables.ipynb: $(wildcard results/*/summary.json results/*/*/seed*.json)
+executed/10_reproduce.ipynb: $(wildcard results/*/*/seed*.json results/decisions/*.json)
 
 # In this order: the UCM study takes each system's settings from the tuning sweep's records.
 SWEEPS := experiments/sweeps/ucm_tuning.yaml experiments/sweeps/ucm_ablations.yaml \
