@@ -833,7 +833,7 @@ def paired_markdown(report: SweepReport) -> str:
     def cell(iv) -> str:
         if iv is None:
             return "–"
-        return iv.describe() + (" *" if iv.resolved else "") + f" (n={iv.n})"
+        return iv.describe() + (" *" if iv.resolved else "") + (f" (n={iv.n})" if iv.n > 1 else "")
 
     compared = [r for r in ("none", "smr") if r in rerankers]
     lines = [
