@@ -428,28 +428,26 @@ def _smr_sparse(
     tau_s: float,
     k: int,
     scale: str,
-    buffers: tuple[Tensor, Tensor] | None = None,
-) -> tuple[tuple[_SparseW, _SparseW], tuple[Tensor, Tensor]]:
-    """W_map of both directions on each query's top-k, and two matrices for the outputs.
+    scratch: Tensor,
+) -> tuple[_SparseW, _SparseW]:
+    """W_map of both directions on each query's top-k: ``(W_i2t, W_t2i)``.
 
-    Returns ``(W_i2t, W_t2i)`` and two free contiguous [N_img, N_txt] float64 matrices for the
-    outputs (the first was the normalizers' scratch): ``buffers`` when given, else new ones.
-    The numbers are those of the dense
+    ``scratch`` (contiguous [N_img, N_txt] float64, overwritten) holds the normalizers' exp of
+    the matrix; callers pass one of their output matrices. The numbers are those of the dense
     formula (:func:`smr_weights`; ``benchmarks/rerank_reference.py``), bit for bit: log W at an
     entry is (x_i2t - row normalizer) + (x_t2i - column normalizer) with x = S_prob / τ_s, the
     normalizers taken over the whole matrix by :func:`log_normalizers` (one exp of the matrix,
     shared by both directions when S_prob is one matrix), and only the top-k entries of log W
     are formed and scaled.
     """
-    n_img, n_txt = s.i2t.shape
+    n_txt = s.i2t.shape[1]
     coarse_i2t = coarse_scores(s.i2t)
     coarse_t2i = coarse_i2t if s.t2i is s.i2t else coarse_scores(s.t2i)
     lists = (_topk_lists(s.i2t, k, 1, coarse_i2t), _topk_lists(s.t2i, k, 0, coarse_t2i))
-    del coarse_i2t, coarse_t2i  # free before the full-size scratch below
-    spare = torch.empty(n_img, n_txt, dtype=torch.float64) if buffers is None else buffers[0]
-    row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=spare), scratch=spare)
+    del coarse_i2t, coarse_t2i
+    row_norm, col_norm = log_normalizers(torch.div(p.i2t, tau_s, out=scratch), scratch=scratch)
     if p.t2i is not p.i2t:  # a pair after ITM: the columns read another matrix
-        col_norm = log_normalizers(torch.div(p.t2i, tau_s, out=spare), scratch=spare)[1]
+        col_norm = log_normalizers(torch.div(p.t2i, tau_s, out=scratch), scratch=scratch)[1]
     sparse = []
     # offsets in [N_img, N_txt]: an image query lists columns, a caption query lists rows
     for top, flat, image, caption in (
@@ -461,8 +459,12 @@ def _smr_sparse(
         log_w = (x_i2t - row_norm[image]) + (x_t2i - col_norm[caption])
         w = _scale_on_topk(log_w, top.valid, 1, scale)
         sparse.append(_SparseW(top.entries(flat), top.entries(w)))
-    second = torch.empty(n_img, n_txt, dtype=torch.float64) if buffers is None else buffers[1]
-    return (sparse[0], sparse[1]), (spare, second)
+    return sparse[0], sparse[1]
+
+
+def _new_outputs(shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """Two contiguous [N_img, N_txt] float64 matrices for an S_opt (or W) pair."""
+    return torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
 
 
 def smr_weights(
@@ -489,8 +491,9 @@ def smr_weights(
     """
     s, p = _smr_inputs(s_raw, s_prob)
     tau_s, scale = _check_tau(tau_s), _check_scale(scale)
-    w, spare = _smr_sparse(s, p, tau_s, k, scale)
-    return RankingScores(*(w_d.dense(out) for w_d, out in zip(w, spare, strict=True)))
+    outs = _new_outputs(s.i2t.shape)
+    w = _smr_sparse(s, p, tau_s, k, scale, scratch=outs[0])
+    return RankingScores(*(w_d.dense(out) for w_d, out in zip(w, outs, strict=True)))
 
 
 def smr(
@@ -544,15 +547,12 @@ def smr_scorer(
     def score(tau_s: float, k: int, lam: float) -> RankingScores:
         if not lam >= 0:
             raise ValueError(f"lam (λ) must be >= 0, got {lam!r}")
-        spare: tuple[Tensor, ...] = ()
-        buffers = (kept[0], kept[1]) if kept else None
+        outs = tuple(kept) or _new_outputs(s.i2t.shape)
         if (tau_s, k) not in cache:
             cache.clear()  # keep one W
             _, p = _smr_inputs(s, s_prob)
             tau, sc = _check_tau(tau_s), _check_scale(scale)
-            cache[tau_s, k], spare = _smr_sparse(s, p, tau, k, sc, buffers)
-        new = (torch.empty(s.i2t.shape, dtype=torch.float64) for _ in range(2))
-        outs = spare or buffers or tuple(new)
+            cache[tau_s, k] = _smr_sparse(s, p, tau, k, sc, scratch=outs[0])
         if reuse_outputs:
             kept[:] = outs
         return RankingScores(
