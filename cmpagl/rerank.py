@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cmpagl import hugepages
 from cmpagl.metrics import DEFAULT_KS, caption_groups, evaluate_retrieval, recall_at_k
 
 # ALBEF fills non-candidates with -100; S_itc - 100 keeps their ITC order as well.
@@ -156,7 +157,10 @@ def coarse_scores(scores: Tensor) -> Tensor | None:
     or None for other dtypes. Rounding is monotone, so a query whose k-th and (k+1)-th rounded
     scores differ has the same top-k as in float64; :func:`_topk_lists` settles the others
     (rounded ties) in float64."""
-    return scores.float() if scores.dtype == torch.float64 else None
+    if scores.dtype != torch.float64:
+        return None
+    # on huge pages: a column's entries lie a row apart, each on its own 4 KB page otherwise
+    return hugepages.empty(scores.shape, torch.float32).copy_(scores)
 
 
 def _topk_lists(scores: Tensor, k: int, dim: int = 1, coarse: Tensor | None = None) -> _TopkLists:
@@ -463,8 +467,10 @@ def _smr_sparse(
 
 
 def _new_outputs(shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """Two contiguous [N_img, N_txt] float64 matrices for an S_opt (or W) pair."""
-    return torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
+    """Two contiguous [N_img, N_txt] float64 matrices for an S_opt (or W) pair, on huge pages
+    (:mod:`cmpagl.hugepages`: at the RSICD test size, filling two new matrices of 4 KB pages
+    costs a third of SMR)."""
+    return hugepages.empty(shape), hugepages.empty(shape)
 
 
 def smr_weights(
@@ -720,7 +726,7 @@ def galr_rerank(
     params = (k, wp1, wp2, decay)
     # The two outputs serve as scratch first: S transposed (each caption's list, contiguous),
     # and the sorted lists of _count_greater. Numbers as in the dense formulas, bit for bit.
-    out_i2t, out_t2i = (torch.empty(n_img, n_txt, dtype=torch.float64) for _ in range(2))
+    out_i2t, out_t2i = _new_outputs(torch.Size((n_img, n_txt)))
     columns = out_i2t.view(n_txt, n_img).copy_(s.T)
     # The column sums are taken as the dense code takes them (the same summation order)
     i2t = _galr_candidates(s, columns, s.sum(dim=0), params, out_t2i.view(n_txt, n_img), False)
