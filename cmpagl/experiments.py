@@ -79,11 +79,15 @@ from cmpagl.runs import RESULT_FILE, portable_path, resolve_path
 
 __all__ = [
     "DEFAULT_NOTEBOOK",
+    "Claim",
     "Run",
     "SweepReport",
     "SweepSpec",
     "Variant",
     "check_parameters",
+    "claim_verdict",
+    "claims_markdown",
+    "compute_markdown",
     "findings",
     "load_report",
     "load_spec",
@@ -978,6 +982,80 @@ def findings(
             f"seed(s) ({reranker}); {iv.verdict()}."
         )
     return out
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim the study tests: ``higher`` (re-ranker ``r_higher``) scores above ``lower``
+    (``r_lower``) in test mR. A part of the method helps when the full model is ``higher``
+    than the row without it; a re-ranker helps when the full model with it is ``higher`` than
+    without."""
+
+    text: str
+    higher: str
+    lower: str
+    r_higher: str = "none"
+    r_lower: str = "none"
+
+    def evidence(self) -> str:
+        def side(variant: str, reranker: str) -> str:
+            return f"{variant} ({reranker})"
+
+        return f"{side(self.higher, self.r_higher)} − {side(self.lower, self.r_lower)}"
+
+
+def claim_verdict(interval) -> str:
+    """``supported`` / ``contradicted`` (the 95 % interval of higher − lower excludes 0 on
+    that side), ``not resolved`` (it holds 0), or why there is no interval yet."""
+    if interval is None:
+        return "no finished seed pairs yet"
+    if interval.half_width is None:
+        return "undecided: one seed, no interval"
+    if not interval.resolved:
+        return "not resolved: the interval holds 0"
+    return "supported" if interval.mean > 0 else "contradicted"
+
+
+def claims_markdown(report: SweepReport, claims: Sequence[Claim]) -> str:
+    """A Markdown table: each claim, the paired difference that tests it (mean and 95 %
+    interval over the seeds both sides finished) and its verdict (:func:`claim_verdict`)."""
+    lines = [
+        "| claim | measured as | difference in test mR | seeds | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in claims:
+        iv = paired_interval(report, c.lower, c.higher, c.r_lower, c.r_higher)
+        diff, n = ("–", 0) if iv is None else (iv.describe().split(" (")[0], iv.n)
+        lines.append(f"| {c.text} | {c.evidence()} | {diff} | {n} | {claim_verdict(iv)} |")
+    return "\n".join(lines)
+
+
+def compute_markdown(report: SweepReport) -> str:
+    """A Markdown table of the compute the finished runs took, per variant and in total:
+    training wall-clock hours (summed over a run's attempts, as its training log counts them),
+    mean training samples/s, and the devices they ran on."""
+    per: dict[str, dict[str, Any]] = {}
+    for run, rec in zip(report.runs, report.records, strict=True):
+        if _status(rec) != "ok":
+            continue
+        row = per.setdefault(run.variant.name, {"runs": 0, "s": 0.0, "rates": [], "dev": set()})
+        training = rec.get("training", {})
+        row["runs"] += 1
+        row["s"] += float(training.get("wall_time_s") or 0.0)
+        if training.get("samples_per_s"):
+            row["rates"].append(float(training["samples_per_s"]))
+        row["dev"].add(str(rec.get("device", "?")))
+    lines = [
+        "| variant | finished runs | training hours | samples/s (mean) | device |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in per.items():
+        rate = f"{sum(row['rates']) / len(row['rates']):.2f}" if row["rates"] else "–"
+        dev = ", ".join(sorted(row["dev"]))
+        lines.append(f"| {name} | {row['runs']} | {row['s'] / 3600:.2f} | {rate} | {dev} |")
+    runs, hours = sum(r["runs"] for r in per.values()), sum(r["s"] for r in per.values()) / 3600
+    lines.append(f"| **total** | {runs} of {len(report.runs)} | {hours:.2f} | | |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

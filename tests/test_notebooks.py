@@ -180,3 +180,8 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert lines["SMR − none (CMPAGL)"].endswith(f"over 3 seeds (target +1): {verdict}")
     full = template["test"]["none"]["r_mean"] + 0.2
     assert f"{full:.2f} over 3 seeds (target 30)" in lines["CMPAGL test mR (none)"]
+    # the claims: every ablated row is 1 mR below the full model (+0-0.4 noise), SMR as recorded
+    assert "| cmpagl (none) − no_global (none) | +1.00 [+1.00, +1.00] | 3 | supported |" in text
+    assert "| cmpagl (itm) − no_prealign (itm) |" in text
+    assert text.count(" | 3 | supported |") == 3 + (smr > 0)
+    assert f"| **total** | {3 * n} of {3 * n} |" in text

@@ -461,6 +461,64 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     assert paired_interval(report, "full", "full", "none", "smr").n == 3
 
 
+def test_claims_and_compute_are_read_from_the_records(tmp_path):
+    """A claim is supported or contradicted only where its interval excludes 0 on that side;
+    the compute table sums each run's training time."""
+    from cmpagl.experiments import Claim, claims_markdown, compute_markdown, load_report
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nreference: full\n"
+        "variants:\n  full: []\n  a: [loss.w_tri=0]\n  b: [loss.w_itm=0]\n  c: [loss.w_mlm=0]\n"
+    )
+    mr = {  # (variant, seed) -> (none, smr)
+        ("full", 0): (20.0, 21.0), ("full", 1): (22.0, 23.2), ("full", 2): (18.0, 18.8),
+        ("a", 0): (15.0, 15.0), ("a", 1): (17.5, 17.5), ("a", 2): (14.0, 14.0),  # lower
+        ("b", 0): (23.0, 23.0), ("b", 1): (25.5, 25.5), ("b", 2): (21.2, 21.2),  # higher
+        ("c", 0): (21.0, 21.0), ("c", 1): (20.0, 20.0),  # mixed
+    }  # fmt: skip
+    for run in load_spec(spec_path).runs():
+        if (run.variant.name, run.seed) in mr:
+            none, smr = mr[run.variant.name, run.seed]
+            run.record_path.parent.mkdir(parents=True, exist_ok=True)
+            record = {
+                "status": "ok",
+                "split": "test",
+                "device": "cpu",
+                "training": {"best_val_r_mean": none, "wall_time_s": 1800.0, "samples_per_s": 8},
+                "test": {"none": {"r_mean": none}, "smr": {"r_mean": smr}},
+            }
+            run.record_path.write_text(json.dumps(record))
+    report = load_report(spec_path)
+    claims = [
+        Claim("a's part helps", "full", "a"),
+        Claim("b's part helps", "full", "b"),
+        Claim("c's part helps", "full", "c"),
+        Claim("SMR helps", "full", "full", "smr", "none"),
+        Claim("a one-seed claim", "full", "d"),
+    ]
+    rows = claims_markdown(report, claims).splitlines()[2:]
+    verdicts = [row.split(" | ")[-1].rstrip(" |") for row in rows]
+    assert verdicts == [
+        "supported",
+        "contradicted",
+        "not resolved: the interval holds 0",
+        "supported",
+        "no finished seed pairs yet",
+    ]
+    # full − a: (5, 4.5, 4) -> +4.50; SMR − none: (1, 1.2, 0.8) -> [+0.50, +1.50]
+    assert "| full (none) − a (none) | +4.50 [" in rows[0] and rows[0].count("| 3 |") == 1
+    assert "| +1.00 [+0.50, +1.50] | 3 | supported |" in rows[3]
+    compute = compute_markdown(report).splitlines()
+    assert "| full | 3 | 1.50 | 8.00 | cpu |" in compute
+    assert compute[-1] == "| **total** | 11 of 12 | 5.50 | | |"
+    from cmpagl.experiments import claim_verdict
+    from cmpagl.report import PairedInterval
+
+    assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
+
+
 def test_commit_results_commits_the_results_folder_only(tmp_path):
     """--commit: each run's record and tables go into one commit; the user's other changes,
     staged or not, stay out of it; without a repository or with nothing new, one line."""
