@@ -636,18 +636,17 @@ def run_sweep(
     check_parameters(spec.notebook, params[runs[0]])  # every run has the same names and types
     records = [_current(read_record(run), params[run]) for run in runs]
     report = SweepReport(spec, runs, records, tuning=tuning, tuning_pending=pending)
-    todo = [
+    selected = [
         i
         for i, run in enumerate(runs)
-        if _status(records[i]) != "ok"
-        and (not only or run.variant.name in only)
-        and (not seeds or run.seed in seeds)
+        if (not only or run.variant.name in only) and (not seeds or run.seed in seeds)
     ]
+    todo = [i for i in selected if _status(records[i]) != "ok"]
     if dry_run:
         return report
-    bar = tqdm(
-        total=len(runs),
-        initial=len(runs) - len(todo),
+    bar = tqdm(  # over the selected runs: --only/--seeds leave the others out of the count
+        total=len(selected),
+        initial=len(selected) - len(todo),
         unit="run",
         desc=spec.name,
         dynamic_ncols=True,

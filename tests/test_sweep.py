@@ -519,6 +519,27 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
 
 
+def test_the_progress_bar_counts_the_selected_runs(tmp_path, capsys):
+    """--only/--seeds: the bar's total is the runs selected (2 of 6 here, both finished), not
+    the whole sweep, so its count and time left are those of what this call runs."""
+    from cmpagl.experiments import run_sweep
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n  other: [loss.w_tri=0]\n"
+    )
+    spec = load_spec(spec_path)
+    for run in spec.runs():
+        if run.variant.name == "full" and run.seed < 2:
+            run.record_path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"status": "ok", "split": "test", "overrides": [], "test": {}}
+            run.record_path.write_text(json.dumps(record | {"training": {"best_val_r_mean": 1}}))
+    run_sweep(spec, only=["full"], seeds=[0, 1])
+    bar = capsys.readouterr().err
+    assert "2/2" in bar and "/6" not in bar
+
+
 def test_commit_results_commits_the_results_folder_only(tmp_path):
     """--commit: each run's record and tables go into one commit; the user's other changes,
     staged or not, stay out of it; without a repository or with nothing new, one line."""
