@@ -766,7 +766,8 @@ def csv_rows(report: SweepReport) -> list[dict[str, Any]]:
 
 def table_markdown(report: SweepReport) -> str:
     """Per variant: runs ok / all, mean ± std over seeds of the test mR (a tuning sweep: the
-    val mR) of each re-ranker and of the validation mR that selected the checkpoints."""
+    val mR) of each re-ranker and of the validation mR that selected the checkpoints; a
+    variant with one finished seed shows its value alone (one seed has no spread)."""
     rerankers = _rerankers(report.records)
     split = report.spec.split
     lines = [
@@ -784,6 +785,8 @@ def table_markdown(report: SweepReport) -> str:
         n = sum(run.variant == v for run in report.runs)
 
         def cell(values: list[float]) -> str:
+            if len(values) == 1:
+                return f"{values[0]:.2f}"
             return mean_sd(values) if values else "–"
 
         cells = [
@@ -836,12 +839,14 @@ def paired_markdown(report: SweepReport) -> str:
     def cell(iv) -> str:
         if iv is None:
             return "–"
-        return iv.describe() + (" *" if iv.resolved else "") + (f" (n={iv.n})" if iv.n > 1 else "")
+        if iv.half_width is None:  # one seed: the difference, no interval
+            return f"{iv.mean:+.2f} (n=1)"
+        return iv.describe() + (" *" if iv.resolved else "") + f" (n={iv.n})"
 
     compared = [r for r in ("none", "smr") if r in rerankers]
     lines = [
         f"Each variant minus {ref_name}, seed by seed (test mR; mean [95 % CI]; "
-        "* the interval excludes 0):",
+        "* the interval excludes 0; n=1: one seed, no interval yet):",
         "",
         "| variant | " + " | ".join(f"{r}" for r in compared) + " |",
         "|---" * (1 + len(compared)) + "|",
@@ -976,9 +981,15 @@ def findings(
         if iv is None:
             out.append(f"{what}: no finished seed pairs yet.")
             continue
+        if iv.half_width is None:
+            out.append(
+                f"{what}: {iv.mean:+.2f} mR against {report.spec.reference} with one seed "
+                f"({reranker}); no interval yet."
+            )
+            continue
         out.append(
             f"{what}: {iv.describe()} mR against {report.spec.reference} over {iv.n} "
-            f"seed(s) ({reranker}); {iv.verdict()}."
+            f"seeds ({reranker}); {iv.verdict()}."
         )
     return out
 

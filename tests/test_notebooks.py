@@ -170,7 +170,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert f"{3 * n} of {3 * n} runs finished" in text
     assert text.count(" | 3/3 | ") == n
     assert f"oracle bound: mR {template['oracle']['oracle_r_mean']:.2f}" in text
-    assert "(n=3)" in text and "seed(s)" in text
+    assert "(n=3)" in text and "over 3 seeds (none)" in text
     # the noise is 0, 0.2, 0.4 over seeds 0-2 for cmpagl and 0 for baseline (name lengths)
     lines = {x.split("  ")[0]: x for x in text.splitlines() if "(target" in x}
     assert "+3.20" in lines["CMPAGL − baseline (none)"]

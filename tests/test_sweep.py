@@ -442,6 +442,8 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     row = next(line for line in paired.splitlines() if line.startswith("| full |"))
     assert "+1.00 [+0.50, +1.50] * (n=3)" in row
     assert (tmp_path / "results" / "study" / "runs.csv").is_file()
+    table = (tmp_path / "results" / "study" / "table.md").read_text()
+    assert "| worse | 2/3 | 16.25 ± 1.77 | 17.00 ± 1.41 | 16.25 ± 1.77 |" in table
     # read back for the book: a long table and a sentence per variant
     from cmpagl.experiments import findings, load_report, long_table
 
@@ -454,11 +456,22 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     )
     (sentence,) = findings(report, {"worse": "without the triplet loss"})
     assert sentence.startswith("without the triplet loss: -4.75 [")
-    assert sentence.endswith("over 2 seed(s) (none); resolved: lower.")
+    assert sentence.endswith("over 2 seeds (none); resolved: lower.")
     from cmpagl.experiments import paired_interval
 
     assert paired_interval(report, "full", "worse").mean == -4.75
     assert paired_interval(report, "full", "full", "none", "smr").n == 3
+    spec_path.write_text(spec_path.read_text().replace("[0, 1, 2]", "[0]"))  # one seed each
+    assert main([str(spec_path), "--table"]) == 0
+    table = (tmp_path / "results" / "study" / "table.md").read_text()
+    assert "| worse | 1/1 | 15.00 | 16.00 | 15.00 |" in table and "±" not in table
+    paired = (tmp_path / "results" / "study" / "paired.md").read_text()
+    assert "| worse | -5.00 (n=1) | -5.00 (n=1) |" in paired
+    (sentence,) = findings(load_report(spec_path), {"worse": "without the triplet loss"})
+    assert (
+        sentence
+        == "without the triplet loss: -5.00 mR against full with one seed (none); no interval yet."
+    )
 
 
 def test_claims_and_compute_are_read_from_the_records(tmp_path):
