@@ -771,9 +771,10 @@ def table_markdown(report: SweepReport) -> str:
     rerankers = _rerankers(report.records)
     split = report.spec.split
     lines = [
-        "| variant | ok | "
-        + "".join(f"{split} mR {r} | " for r in rerankers)
-        + "val mR (selection) |",
+        f"{split.capitalize()} mR per re-ranker (mean ± std over the finished seeds), and the "
+        "validation mR that selected each run's checkpoint:",
+        "",
+        "| variant | ok | " + "".join(f"{r} | " for r in rerankers) + "val mR (selection) |",
         "|---" * (3 + len(rerankers)) + "|",
     ]
     for v in report.spec.variants:

@@ -444,6 +444,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     assert (tmp_path / "results" / "study" / "runs.csv").is_file()
     table = (tmp_path / "results" / "study" / "table.md").read_text()
     assert "| worse | 2/3 | 16.25 ± 1.77 | 17.00 ± 1.41 | 16.25 ± 1.77 |" in table
+    assert table.startswith("Test mR per re-ranker") and "| variant | ok | none | smr |" in table
     # read back for the book: a long table and a sentence per variant
     from cmpagl.experiments import findings, load_report, long_table
 
@@ -464,7 +465,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     spec_path.write_text(spec_path.read_text().replace("[0, 1, 2]", "[0]"))  # one seed each
     assert main([str(spec_path), "--table"]) == 0
     table = (tmp_path / "results" / "study" / "table.md").read_text()
-    assert "| worse | 1/1 | 15.00 | 16.00 | 15.00 |" in table and "±" not in table
+    assert "| worse | 1/1 | 15.00 | 16.00 | 15.00 |" in table and "± 0" not in table
     paired = (tmp_path / "results" / "study" / "paired.md").read_text()
     assert "| worse | -5.00 (n=1) | -5.00 (n=1) |" in paired
     (sentence,) = findings(load_report(spec_path), {"worse": "without the triplet loss"})
