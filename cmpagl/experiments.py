@@ -98,6 +98,7 @@ __all__ = [
     "resolve_tuning",
     "run_parameters",
     "run_sweep",
+    "target_verdict",
     "tuning_choices",
 ]
 
@@ -1025,6 +1026,30 @@ def claim_verdict(interval) -> str:
     if not interval.resolved:
         return "not resolved: the interval holds 0"
     return "supported" if interval.mean > 0 else "contradicted"
+
+
+def target_verdict(interval, target: float, signed: bool = True) -> str:
+    """How a measured mean (a :class:`cmpagl.report.PairedInterval`: of paired differences, or
+    of test mR values with ``signed=False``) stands against the value we set for it, in words:
+    met where the whole 95 % interval is at or above it, met on the mean where only the mean
+    is, else missed (by how much, and whether the interval still reaches it); one seed has no
+    interval."""
+    sign = "+" if signed else ""
+    goal = f"(target {target:{sign}g})"
+    if interval is None:
+        return f"no finished {'seed pairs' if signed else 'run'} yet {goal}"
+    mean, half = interval.mean, interval.half_width
+    if half is None:
+        side = "above" if mean >= target else "below"
+        return f"{mean:{sign}.2f} with one seed {goal}: {side} it, no interval yet"
+    shown = interval.describe() if signed else f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+    head = f"{shown} over {interval.n} seeds {goal}: "
+    if mean - half >= target:
+        return head + "met, the whole interval at or above it"
+    if mean >= target:
+        return head + "met on the mean; the interval reaches below it"
+    reach = "; the interval reaches it" if mean + half >= target else ""
+    return head + f"missed by {target - mean:.2f}{reach}"
 
 
 def claims_markdown(report: SweepReport, claims: Sequence[Claim]) -> str:

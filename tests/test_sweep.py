@@ -533,6 +533,30 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
 
 
+@pytest.mark.parametrize(
+    ("values", "target", "words"),
+    [
+        ((), 5, "no finished seed pairs yet (target +5)"),
+        ((2.27,), 1, "+2.27 with one seed (target +1): above it, no interval yet"),
+        ((18.72,), 30, "+18.72 with one seed (target +30): below it, no interval yet"),
+        ((6.0, 6.2, 6.4), 5, "met, the whole interval at or above it"),
+        ((4.0, 6.0, 8.0), 5, "met on the mean; the interval reaches below it"),
+        ((3.0, 3.2, 3.4), 5, "missed by 1.80"),
+        ((1.0, 4.0, 7.0), 5, "missed by 1.00; the interval reaches it"),
+    ],
+)  # fmt: skip
+def test_a_target_is_met_only_as_far_as_the_interval_says(values, target, words):
+    from cmpagl.experiments import target_verdict
+    from cmpagl.report import PairedInterval
+
+    verdict = target_verdict(PairedInterval(values) if values else None, target)
+    assert verdict.endswith(words)
+    if len(values) > 1:
+        assert f"over {len(values)} seeds (target +{target})" in verdict
+    absolute = target_verdict(PairedInterval((20.0, 22.0, 24.0)), 30, signed=False)
+    assert absolute == "22.00 [17.03, 26.97] over 3 seeds (target 30): missed by 8.00"
+
+
 def test_the_progress_bar_counts_the_selected_runs(tmp_path, capsys):
     """--only/--seeds: the bar's total is the runs selected (2 of 6 here, both finished), not
     the whole sweep, so its count and time left are those of what this call runs."""
