@@ -841,9 +841,7 @@ def paired_markdown(report: SweepReport) -> str:
     def cell(iv) -> str:
         if iv is None:
             return "–"
-        if iv.half_width is None:  # one seed: the difference, no interval
-            return f"{iv.mean:+.2f} (n=1)"
-        return iv.describe() + (" *" if iv.resolved else "") + f" (n={iv.n})"
+        return iv.value() + (" *" if iv.resolved else "") + f" (n={iv.n})"
 
     compared = [r for r in ("none", "smr") if r in rerankers]
     lines = [
@@ -985,7 +983,7 @@ def findings(
             continue
         if iv.half_width is None:
             out.append(
-                f"{what}: {iv.mean:+.2f} mR against {report.spec.reference} with one seed "
+                f"{what}: {iv.value()} mR against {report.spec.reference} with one seed "
                 f"({reranker}); no interval yet."
             )
             continue
@@ -1010,10 +1008,7 @@ class Claim:
     r_lower: str = "none"
 
     def evidence(self) -> str:
-        def side(variant: str, reranker: str) -> str:
-            return f"{variant} ({reranker})"
-
-        return f"{side(self.higher, self.r_higher)} − {side(self.lower, self.r_lower)}"
+        return f"{self.higher} ({self.r_higher}) − {self.lower} ({self.r_lower})"
 
 
 def claim_verdict(interval) -> str:
@@ -1034,15 +1029,13 @@ def target_verdict(interval, target: float, signed: bool = True) -> str:
     met where the whole 95 % interval is at or above it, met on the mean where only the mean
     is, else missed (by how much, and whether the interval still reaches it); one seed has no
     interval."""
-    sign = "+" if signed else ""
-    goal = f"(target {target:{sign}g})"
+    goal = f"(target {target:{'+' if signed else ''}g})"
     if interval is None:
         return f"no finished {'seed pairs' if signed else 'run'} yet {goal}"
-    mean, half = interval.mean, interval.half_width
+    mean, half, shown = interval.mean, interval.half_width, interval.value(signed)
     if half is None:
         side = "above" if mean >= target else "below"
-        return f"{mean:{sign}.2f} with one seed {goal}: {side} it, no interval yet"
-    shown = interval.describe() if signed else f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+        return f"{shown} with one seed {goal}: {side} it, no interval yet"
     head = f"{shown} over {interval.n} seeds {goal}: "
     if mean - half >= target:
         return head + "met, the whole interval at or above it"
@@ -1061,7 +1054,7 @@ def claims_markdown(report: SweepReport, claims: Sequence[Claim]) -> str:
     ]
     for c in claims:
         iv = paired_interval(report, c.lower, c.higher, c.r_lower, c.r_higher)
-        diff, n = ("–", 0) if iv is None else (iv.describe().split(" (")[0], iv.n)
+        diff, n = ("–", 0) if iv is None else (iv.value(), iv.n)
         lines.append(f"| {c.text} | {c.evidence()} | {diff} | {n} | {claim_verdict(iv)} |")
     return "\n".join(lines)
 

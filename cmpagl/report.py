@@ -339,12 +339,17 @@ class PairedInterval:
         h = self.half_width
         return h is not None and abs(self.mean) > h
 
+    def value(self, signed: bool = True) -> str:
+        """``"+1.23 [−0.40, +2.86]"`` (the mean and its interval), or ``"+1.23"`` for one seed;
+        ``signed=False`` for values that are not differences (``"22.00 [17.03, 26.97]"``)."""
+        f, h = ("+.2f" if signed else ".2f"), self.half_width
+        if h is None:
+            return f"{self.mean:{f}}"
+        return f"{self.mean:{f}} [{self.mean - h:{f}}, {self.mean + h:{f}}]"
+
     def describe(self) -> str:
         """``"+1.23 [−0.40, +2.86]"``, or ``"+1.23 (1 seed, no interval)"``."""
-        h = self.half_width
-        if h is None:
-            return f"{self.mean:+.2f} (1 seed, no interval)"
-        return f"{self.mean:+.2f} [{self.mean - h:+.2f}, {self.mean + h:+.2f}]"
+        return self.value() + (" (1 seed, no interval)" if self.half_width is None else "")
 
     def verdict(self) -> str:
         if self.half_width is None:
