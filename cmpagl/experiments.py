@@ -84,11 +84,13 @@ __all__ = [
     "SweepReport",
     "SweepSpec",
     "Variant",
+    "budget_markdown",
     "check_parameters",
     "claim_verdict",
     "claims_markdown",
     "compute_markdown",
     "findings",
+    "late_gain",
     "load_report",
     "load_spec",
     "long_table",
@@ -1084,6 +1086,46 @@ def compute_markdown(report: SweepReport) -> str:
         lines.append(f"| {name} | {row['runs']} | {row['s'] / 3600:.2f} | {rate} | {dev} |")
     runs, hours = sum(r["runs"] for r in per.values()), sum(r["s"] for r in per.values()) / 3600
     lines.append(f"| **total** | {runs} of {len(report.runs)} | {hours:.2f} | | |")
+    return "\n".join(lines)
+
+
+def late_gain(curve: Sequence[Mapping[str, Any]], tail: float = 0.3) -> float | None:
+    """How much a run still improved at the end of its budget: the best validation mR among the
+    evaluations in the last ``tail`` of the steps minus the best one before them (a
+    ``val_curve`` of a record: dicts with ``step`` and ``r_mean``). Positive where the last
+    stretch found a better checkpoint than anything earlier; None where either side is empty."""
+    if not curve:
+        return None
+    cut = (1.0 - tail) * max(v["step"] for v in curve)
+    before = [v["r_mean"] for v in curve if v["step"] <= cut]
+    after = [v["r_mean"] for v in curve if v["step"] > cut]
+    return max(after) - max(before) if before and after else None
+
+
+def budget_markdown(report: SweepReport, variants: Sequence[str], tail: float = 0.3) -> str:
+    """A Markdown table, one row per finished (variant, seed) of ``variants``, in that order:
+    the steps trained, the best validation mR and the step it came at, and :func:`late_gain`
+    (what the last ``tail`` of the steps added over the best before them)."""
+    lines = [
+        f"| variant | seed | steps | best validation mR | at step | gain in the last "
+        f"{tail * 100:g} % of the steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    finished = [
+        (run, rec)
+        for run, rec in zip(report.runs, report.records, strict=True)
+        if run.variant.name in variants and _status(rec) == "ok"
+    ]
+    finished.sort(key=lambda pair: (list(variants).index(pair[0].variant.name), pair[0].seed))
+    for run, rec in finished:
+        curve, training = rec.get("val_curve") or [], rec["training"]
+        gain = late_gain(curve, tail)
+        lines.append(
+            f"| {run.variant.name} | {run.seed} | {training.get('steps', '–')} | "
+            f"{training['best_val_r_mean']:.2f} | {training.get('best_step', '–')} | "
+            + ("–" if gain is None else f"{gain:+.2f}")
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -141,7 +141,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     raw.update(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
     raw["tuned_by"] = str(repo_root / raw["tuned_by"])
     spec_path = tmp_path / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(raw))
+    spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the first variant: reference
     spec, _ = resolve_tuning(load_spec(spec_path))
     # per variant: a shift of its test mR against the full model, and a little noise per seed
     shift = {v.name: -1.0 for v in spec.variants} | {"cmpagl": 0.0, "baseline": -3.0}
@@ -171,7 +171,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert f"{3 * n} of {3 * n} runs finished" in text
     assert text.count(" | 3/3 | ") == n
     assert f"oracle bound: mR {template['oracle']['oracle_r_mean']:.2f}" in text
-    assert "(n=3)" in text and "over 3 seeds (none)" in text
+    assert "(n=3)" in text and "mR against cmpagl over 3 seeds (none)" in text
     # the noise is 0, 0.2, 0.4 over seeds 0-2 for cmpagl and 0 for baseline (name lengths)
     lines = {x.split("  ")[0]: x for x in text.splitlines() if "(target" in x}
     assert "+3.20" in lines["CMPAGL − baseline (none)"]
@@ -185,5 +185,14 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     # the claims: every ablated row is 1 mR below the full model (+0-0.4 noise), SMR as recorded
     assert "| cmpagl (none) − no_global (none) | +1.00 [+1.00, +1.00] | 3 | supported |" in text
     assert "| cmpagl (itm) − no_prealign (itm) |" in text
-    assert text.count(" | 3 | supported |") == 3 + (smr > 0)
+    # twice the steps: baseline_same_time (−1, noise 0, 0.2, 0.4) − baseline (−3, noise 0)
+    assert "| baseline_same_time (none) − baseline (none) | +2.20 [" in text
+    assert text.count(" | 3 | supported |") == 4 + (smr > 0)
+    # the budget table: a row per seed of the full model and both baselines, from the records
+    from cmpagl.experiments import late_gain
+
+    gain = late_gain(template["val_curve"])
+    best = f"{template['training']['best_val_r_mean']:.2f} | {template['training']['best_step']}"
+    for name in ("cmpagl", "baseline", "baseline_same_time"):
+        assert f"| {name} | 2 | {template['training']['steps']} | {best} | {gain:+.2f} |" in text
     assert f"| **total** | {3 * n} of {3 * n} |" in text

@@ -533,6 +533,41 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
 
 
+def test_the_budget_table_says_whether_runs_were_still_improving(tmp_path):
+    """``late_gain``: the best validation mR after 70 % of the steps minus the best before;
+    the budget table shows it per finished run of the variants asked for."""
+    from cmpagl.experiments import budget_markdown, late_gain, load_report
+
+    scores = [5.3, 4.9, 6.3, 6.8, 10.6, 12.6, 12.2, 15.9, 16.2, 15.1]
+    rising = [{"step": 40 * (i + 1), "r_mean": v} for i, v in enumerate(scores)]
+    assert late_gain(rising) == pytest.approx(16.2 - 12.6)  # steps 320-400 against 40-280
+    flat = rising[:7] + [{"step": s, "r_mean": 10.0} for s in (320, 360, 400)]
+    assert late_gain(flat) == pytest.approx(10.0 - 12.6)
+    assert late_gain(rising, tail=0.5) == pytest.approx(16.2 - 10.6)
+    assert late_gain([]) is None and late_gain(rising[:1]) is None
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nreference: full\nvariants:\n  full: []\n  other: []\n"
+    )
+    curves = {("full", 0): rising, ("full", 1): flat, ("other", 0): rising}
+    for run in load_spec(spec_path).runs():
+        curve = curves.get((run.variant.name, run.seed))
+        if curve is None:
+            continue
+        run.record_path.parent.mkdir(parents=True, exist_ok=True)
+        best = max(curve, key=lambda v: v["r_mean"])
+        training = {"steps": 400, "best_val_r_mean": best["r_mean"], "best_step": best["step"]}
+        record = {"status": "ok", "split": "test", "training": training, "val_curve": curve}
+        run.record_path.write_text(json.dumps(record))
+    rows = budget_markdown(load_report(spec_path), ["full"]).splitlines()
+    assert rows[0].endswith("| gain in the last 30 % of the steps |")
+    assert rows[2:] == [
+        "| full | 0 | 400 | 16.20 | 360 | +3.60 |",
+        "| full | 1 | 400 | 12.60 | 240 | -2.60 |",
+    ]
+
+
 @pytest.mark.parametrize(
     ("values", "target", "words"),
     [
