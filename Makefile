@@ -56,7 +56,7 @@ notebooks: data
 
 executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed $(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
 	@mkdir -p executed
-	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@ $(PARAMS)
+	$(VENV)/bin/papermill --engine cmpagl --kernel python3 --cwd notebooks $< $@ $(PARAMS)
 
 # The book's model. The training chapter (05) trains it into runs/book_model on the real UCM
 # subset where the shared data is (CMPAGL_DATA, default ../shared/data), else on the synthetic
@@ -72,7 +72,7 @@ executed/05_train.ipynb: notebooks/05_train.ipynb $(VENV)/.installed $(BOOK_CONF
 		$(wildcard cmpagl/*.py cmpagl/*/*.py cmpagl/*/*/*.py)
 	@mkdir -p executed
 	@echo "the book's model: $(BOOK_CONFIG) -> $(BOOK_MODEL) (trained once, then reused)"
-	$(VENV)/bin/papermill --kernel python3 --cwd notebooks $< $@ \
+	$(VENV)/bin/papermill --engine cmpagl --kernel python3 --cwd notebooks $< $@ \
 		-p config $(BOOK_CONFIG) -p max_steps 0 -p log_every 10 -p output_dir $(BOOK_MODEL)
 
 executed/02_gswin_and_model.ipynb executed/03_train_and_retrieve.ipynb \

@@ -509,6 +509,8 @@ def _execute(spec: SweepSpec, run: Run, params: Mapping[str, Any]) -> dict[str, 
     """Execute the notebook for one run; the ``result.json`` it wrote."""
     import papermill as pm
 
+    from cmpagl.notebook_engine import CurveKernelManager
+
     run.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     pm.execute_notebook(
@@ -519,6 +521,7 @@ def _execute(spec: SweepSpec, run: Run, params: Mapping[str, Any]) -> dict[str, 
         cwd=str(spec.notebook.parent),
         progress_bar=False,
         log_output=False,
+        kernel_manager_class=CurveKernelManager,  # no unencrypted-TCP warning per run
     )
     result = run.run_dir / RESULT_FILE
     if not result.is_file() or result.stat().st_mtime < started - 1:
