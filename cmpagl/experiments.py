@@ -67,6 +67,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,6 +91,7 @@ __all__ = [
     "claims_markdown",
     "compute_markdown",
     "findings",
+    "grid_edges_markdown",
     "late_gain",
     "load_report",
     "load_spec",
@@ -1089,6 +1091,44 @@ def compute_markdown(report: SweepReport) -> str:
         lines.append(f"| {name} | {row['runs']} | {row['s'] / 3600:.2f} | {rate} | {dev} |")
     runs, hours = sum(r["runs"] for r in per.values()), sum(r["s"] for r in per.values()) / 3600
     lines.append(f"| **total** | {runs} of {len(report.runs)} | {hours:.2f} | | |")
+    return "\n".join(lines)
+
+
+def grid_edges_markdown(report: SweepReport) -> str:
+    """A Markdown table: per re-ranker, in how many finished runs its settings (chosen on
+    validation from a grid) had a value at the smallest or largest end of its grid, where the
+    best setting may lie outside the grid, and which settings; runs where "no re-ranking" won on
+    validation, and records made before runs kept this (no ``on_edge``), counted apart."""
+    from cmpagl.report import SETTING_SYMBOLS
+
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in report.records:
+        if _status(rec) != "ok":
+            continue
+        for name, params in (rec.get("choices") or {}).items():
+            row = rows.setdefault(
+                name, {"runs": 0, "edge": 0, "off": 0, "unknown": 0, "axes": Counter()}
+            )
+            row["runs"] += 1
+            if params is None:
+                row["off"] += 1
+            elif "on_edge" not in rec:
+                row["unknown"] += 1
+            else:
+                axes = [a for a, on in (rec["on_edge"].get(name) or {}).items() if on]
+                row["edge"] += bool(axes)
+                row["axes"].update(axes)
+    lines = [
+        "| re-ranker | runs | a setting at an end of its grid | which (runs) "
+        "| no gain on validation | not recorded |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        which = ", ".join(f"{SETTING_SYMBOLS.get(a, a)} {n}" for a, n in row["axes"].items())
+        lines.append(
+            f"| {name} | {row['runs']} | {row['edge']} | {which or '–'} | {row['off']} "
+            f"| {row['unknown']} |"
+        )
     return "\n".join(lines)
 
 

@@ -493,6 +493,8 @@ def result_record(
         split: {r: dict(evaluation["metrics"][r]) for r in names},
         # each re-ranker's settings as the result file holds them (None: no re-ranking won)
         "choices": {r: t.get("params") for r, t in tuning.items()},
+        # per re-ranker and axis: whether the chosen value is the first or last of its grid
+        "on_edge": {r: t.get("on_edge") or {} for r, t in tuning.items()},
         "smr": evaluation.get("smr"),
         "oracle": evaluation.get("oracle"),
         "chance": evaluation.get("chance"),

@@ -196,3 +196,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     for name in ("cmpagl", "baseline", "baseline_same_time"):
         assert f"| {name} | 2 | {template['training']['steps']} | {best} | {gain:+.2f} |" in text
     assert f"| **total** | {3 * n} of {3 * n} |" in text
+    # the re-rankers' grids: every run is a copy of the template, so all or none on an edge
+    for name, edges in template["on_edge"].items():
+        at_edge = 3 * n if any(edges.values()) else 0
+        assert f"| {name} | {3 * n} | {at_edge} | " in text

@@ -533,6 +533,33 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
 
 
+def test_the_grid_edge_table_counts_settings_chosen_at_an_end_of_their_grid(tmp_path):
+    from cmpagl.experiments import grid_edges_markdown, load_report
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2, 3]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n"
+    )
+    smr = {"tau_s": 0.05, "k": 50, "lam": 2.0}
+    records = [  # (choices, on_edge); None: a record from before runs kept on_edge
+        ({"smr": smr, "galr": {"k": 5}}, {"smr": {"tau_s": False, "k": True, "lam": True},
+                                          "galr": {"k": False}}),
+        ({"smr": smr, "galr": {"k": 5}}, {"smr": {"tau_s": False, "k": True, "lam": False},
+                                          "galr": {"k": None}}),
+        ({"smr": None, "galr": {"k": 5}}, {"smr": {}, "galr": {"k": False}}),  # none won
+        ({"smr": smr, "galr": {"k": 5}}, None),
+    ]  # fmt: skip
+    for run, (choices, edges) in zip(load_spec(spec_path).runs(), records, strict=True):
+        record = {"status": "ok", "split": "test", "training": {}, "choices": choices}
+        if edges is not None:
+            record["on_edge"] = edges
+        run.record_path.parent.mkdir(parents=True, exist_ok=True)
+        run.record_path.write_text(json.dumps(record))
+    rows = grid_edges_markdown(load_report(spec_path)).splitlines()
+    assert rows[2:] == ["| smr | 4 | 2 | k 2, λ 1 | 1 | 1 |", "| galr | 4 | 0 | – | 0 | 1 |"]
+
+
 def test_the_budget_table_says_whether_runs_were_still_improving(tmp_path):
     """``late_gain``: the best validation mR after 70 % of the steps minus the best before;
     the budget table shows it per finished run of the variants asked for."""

@@ -144,6 +144,10 @@ def test_training_notebook_writes_its_record_then_reads_it_back(
     for metrics in record["test"].values():
         assert 0.0 <= metrics["r_mean"] <= 100.0
     assert set(record["choices"]) == {"itm", "smr"}  # the settings each re-ranker chose on val
+    # and, per setting, whether the chosen value is at an end of its grid (None: one value)
+    assert set(record["on_edge"]) == {"itm", "smr"}
+    assert set(record["on_edge"]["smr"]) <= {"tau_s", "k", "lam"}
+    assert {type(v) for e in record["on_edge"].values() for v in e.values()} <= {bool, type(None)}
     assert record["device"] == "cpu" and record["git_commit"]
     assert record["config"] == "configs/synthetic_tiny.yaml"
     assert "evaluated now" in _stdout(first)
