@@ -189,7 +189,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert "| baseline_same_time (none) − baseline (none) | +2.20 [" in text
     assert text.count(" | 3 | supported |") == 4 + (smr > 0)
     # the budget table: a row per seed of the full model and both baselines, from the records
-    from cmpagl.experiments import late_gain
+    from cmpagl.study import late_gain
 
     gain = late_gain(template["val_curve"])
     best = f"{template['training']['best_val_r_mean']:.2f} | {template['training']['best_step']}"

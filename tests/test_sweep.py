@@ -446,7 +446,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     assert "| worse | 2/3 | 16.25 ± 1.77 | 17.00 ± 1.41 | 16.25 ± 1.77 |" in table
     assert table.startswith("Test mR per re-ranker") and "| variant | ok | none | smr |" in table
     # read back for the book: a long table and a sentence per variant
-    from cmpagl.experiments import findings, load_report, long_table
+    from cmpagl.study import findings, load_report, long_table
 
     report = load_report(spec_path)
     frame = long_table(report)
@@ -458,7 +458,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
     (sentence,) = findings(report, {"worse": "without the triplet loss"})
     assert sentence.startswith("without the triplet loss: -4.75 [")
     assert sentence.endswith("over 2 seeds (none); resolved: lower.")
-    from cmpagl.experiments import paired_interval
+    from cmpagl.study import paired_interval
 
     assert paired_interval(report, "full", "worse").mean == -4.75
     assert paired_interval(report, "full", "full", "none", "smr").n == 3
@@ -478,7 +478,7 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
 def test_claims_and_compute_are_read_from_the_records(tmp_path):
     """A claim is supported or contradicted only where its interval excludes 0 on that side;
     the compute table sums each run's training time."""
-    from cmpagl.experiments import Claim, claims_markdown, compute_markdown, load_report
+    from cmpagl.study import Claim, claims_markdown, compute_markdown, load_report
 
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(
@@ -527,14 +527,14 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     compute = compute_markdown(report).splitlines()
     assert "| full | 3 | 1.50 | 8.00 | cpu |" in compute
     assert compute[-1] == "| **total** | 11 of 12 | 5.50 | | |"
-    from cmpagl.experiments import claim_verdict
     from cmpagl.report import PairedInterval
+    from cmpagl.study import claim_verdict
 
     assert claim_verdict(PairedInterval((3.0,))) == "undecided: one seed, no interval"
 
 
 def test_the_grid_edge_table_counts_settings_chosen_at_an_end_of_their_grid(tmp_path):
-    from cmpagl.experiments import grid_edges_markdown, load_report
+    from cmpagl.study import grid_edges_markdown, load_report
 
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(
@@ -563,7 +563,7 @@ def test_the_grid_edge_table_counts_settings_chosen_at_an_end_of_their_grid(tmp_
 def test_the_budget_table_says_whether_runs_were_still_improving(tmp_path):
     """``late_gain``: the best validation mR after 70 % of the steps minus the best before;
     the budget table shows it per finished run of the variants asked for."""
-    from cmpagl.experiments import budget_markdown, late_gain, load_report
+    from cmpagl.study import budget_markdown, late_gain, load_report
 
     scores = [5.3, 4.9, 6.3, 6.8, 10.6, 12.6, 12.2, 15.9, 16.2, 15.1]
     rising = [{"step": 40 * (i + 1), "r_mean": v} for i, v in enumerate(scores)]
@@ -608,8 +608,8 @@ def test_the_budget_table_says_whether_runs_were_still_improving(tmp_path):
     ],
 )  # fmt: skip
 def test_a_target_is_met_only_as_far_as_the_interval_says(values, target, words):
-    from cmpagl.experiments import target_verdict
     from cmpagl.report import PairedInterval
+    from cmpagl.study import target_verdict
 
     verdict = target_verdict(PairedInterval(values) if values else None, target)
     assert verdict.endswith(words)
