@@ -576,6 +576,12 @@ class SweepReport:
     def with_status(self, status: str) -> list[Run]:
         return [r for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == status]
 
+    def finished(self) -> list[tuple[Run, dict[str, Any]]]:
+        """(run, record) of every run whose record says ``ok``, in the spec's order."""
+        return [
+            (r, rec) for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == "ok"
+        ]
+
 
 def _current(record: dict[str, Any] | None, params: Mapping[str, Any]) -> dict[str, Any] | None:
     """A record, or None where it was made with other overrides than the run now has (the
@@ -775,11 +781,7 @@ def table_markdown(report: SweepReport) -> str:
         "|---" * (3 + len(rerankers)) + "|",
     ]
     for v in report.spec.variants:
-        recs = [
-            rec
-            for run, rec in zip(report.runs, report.records, strict=True)
-            if run.variant == v and _status(rec) == "ok"
-        ]
+        recs = [rec for run, rec in report.finished() if run.variant == v]
         n = sum(run.variant == v for run in report.runs)
 
         def cell(values: list[float]) -> str:
@@ -806,9 +808,8 @@ def table_markdown(report: SweepReport) -> str:
 def _by_variant(report: SweepReport) -> dict[str, dict[int, dict[str, Any]]]:
     """variant -> seed -> metrics per re-ranker, of the ``ok`` records."""
     out: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in report.spec.variants}
-    for run, rec in zip(report.runs, report.records, strict=True):
-        if _status(rec) == "ok":
-            out[run.variant.name][run.seed] = _metrics(rec)
+    for run, rec in report.finished():
+        out[run.variant.name][run.seed] = _metrics(rec)
     return out
 
 

@@ -24,7 +24,6 @@ from cmpagl.experiments import (
     _by_variant,
     _interval,
     _metrics,
-    _status,
     load_spec,
     run_sweep,
 )
@@ -59,9 +58,7 @@ def long_table(report: SweepReport):
     import pandas as pd
 
     rows = []
-    for run, rec in zip(report.runs, report.records, strict=True):
-        if _status(rec) != "ok":
-            continue
+    for run, rec in report.finished():
         for r, m in _metrics(rec).items():
             rows.append(
                 {
@@ -184,9 +181,7 @@ def compute_markdown(report: SweepReport) -> str:
     training wall-clock hours (summed over a run's attempts, as its training log counts them),
     mean training samples/s, and the devices they ran on."""
     per: dict[str, dict[str, Any]] = {}
-    for run, rec in zip(report.runs, report.records, strict=True):
-        if _status(rec) != "ok":
-            continue
+    for run, rec in report.finished():
         row = per.setdefault(run.variant.name, {"runs": 0, "s": 0.0, "rates": [], "dev": set()})
         training = rec.get("training", {})
         row["runs"] += 1
@@ -215,9 +210,7 @@ def grid_edges_markdown(report: SweepReport) -> str:
     from cmpagl.report import SETTING_SYMBOLS
 
     rows: dict[str, dict[str, Any]] = {}
-    for rec in report.records:
-        if _status(rec) != "ok":
-            continue
+    for _, rec in report.finished():
         for name, params in (rec.get("choices") or {}).items():
             row = rows.setdefault(
                 name, {"runs": 0, "edge": 0, "off": 0, "unknown": 0, "axes": Counter()}
@@ -267,13 +260,9 @@ def budget_markdown(report: SweepReport, variants: Sequence[str], tail: float = 
         f"{tail * 100:g} % of the steps |",
         "|---|---|---|---|---|---|",
     ]
-    finished = [
-        (run, rec)
-        for run, rec in zip(report.runs, report.records, strict=True)
-        if run.variant.name in variants and _status(rec) == "ok"
-    ]
-    finished.sort(key=lambda pair: (list(variants).index(pair[0].variant.name), pair[0].seed))
-    for run, rec in finished:
+    shown = [(run, rec) for run, rec in report.finished() if run.variant.name in variants]
+    shown.sort(key=lambda pair: (list(variants).index(pair[0].variant.name), pair[0].seed))
+    for run, rec in shown:
         curve, training = rec.get("val_curve") or [], rec["training"]
         gain = late_gain(curve, tail)
         lines.append(
