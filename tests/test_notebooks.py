@@ -173,7 +173,8 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert f"oracle bound: mR {template['oracle']['oracle_r_mean']:.2f}" in text
     assert "(n=3)" in text and "mR against cmpagl over 3 seeds (none)" in text
     # the noise is 0, 0.2, 0.4 over seeds 0-2 for cmpagl and 0 for baseline (name lengths)
-    lines = {x.split("  ")[0]: x for x in text.splitlines() if "(target" in x}
+    rows = [x.rstrip(" |") for x in text.splitlines() if "(target" in x]
+    lines = {x.strip("| ").split(" | ")[0]: x for x in rows}
     assert "+3.20" in lines["CMPAGL − baseline (none)"]
     assert lines["CMPAGL − baseline (none)"].endswith("over 3 seeds (target +5): missed by 1.80")
     smr = template["test"]["smr"]["r_mean"] - template["test"]["none"]["r_mean"]
