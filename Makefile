@@ -109,6 +109,9 @@ ablations: data
 ## size with each stage's cost model fitted, training samples/s and peak memory against batch
 ## size (tiny config), one Gswin block against timm's Swin block. ~5-10 min on 2 idle cores.
 BENCH := results/bench
+# torch's profiler (kineto) logs a spurious "gpuGetDeviceCount failed" ERROR and USDT start/stop
+# lines on a machine without a GPU; level 6 keeps them out (make bench KINETO_LOG_LEVEL=0: all).
+bench: export KINETO_LOG_LEVEL ?= 6
 bench: setup
 	@start=$$(date +%s); \
 	$(PY) benchmarks/rerank_speed.py --out $(BENCH)/rerank_speed_cpu.json && \
