@@ -24,6 +24,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -279,7 +280,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         image_reading_from_config,
         transforms_from_config,
     )
-    from cmpagl.data.validation import load_image
+    from cmpagl.data.validation import check_images, load_image
     from cmpagl.retrieval import (
         cached_embeddings,
         search_by_image,
@@ -294,7 +295,11 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         raise _UsageError("--gallery draws one query's results; it does not go with --interactive")
     model, cfg, device = _load_for_eval(args)
     _prepare_synthetic(cfg.data)
-    ds = dataset_from_config(cfg.data).split(args.split)
+    # Only the split's files must exist here: embedding it reads every image (and names a file
+    # that cannot be read), and a repeated query, answered from the cache, reads none. Decoding
+    # the whole dataset up front (data.check_images, as training does) would cost every call.
+    ds = dataset_from_config(replace(cfg.data, check_images=False)).split(args.split)
+    check_images(ds, decode=False)
     _, transform = transforms_from_config(cfg.data)
     # The split's embeddings are cached beside the checkpoint, keyed by the checkpoint, the
     # images, the captions and the reading settings: a repeated query does not embed again.

@@ -70,6 +70,46 @@ def test_cmpagl_retrieve_caches_beside_the_checkpoint(tiny_trained_run, tmp_path
     assert second.splitlines()[1:] == out.splitlines()[1:]  # the same ranking
 
 
+def test_a_repeated_retrieve_reads_no_image_and_a_bad_one_is_named_when_embedding(
+    tiny_trained_run, tmp_path, capsys, monkeypatch
+):
+    """`cmpagl retrieve` checks only that the split's files exist: a cache hit decodes no image
+    (decoding the whole dataset on every call cost more than the query), and an image that
+    cannot be read is named when the split is embedded again."""
+    from cmpagl.cli import main
+    from cmpagl.data import validation
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained_run, run)
+    _, cfg, ds, _, _ = _setup(run, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data.root, data)
+    args = ["retrieve", "--checkpoint", str(run), "--text", "a red car", "--set"]
+    args.append(f"data.root={data}")
+    assert main(args) == 0
+    assert "computed and cached" in capsys.readouterr().out
+
+    reads = []
+    real = validation.read_image
+    monkeypatch.setattr(
+        validation, "read_image", lambda *a, **k: reads.append(a[0]) or real(*a, **k)
+    )
+    assert main(args) == 0
+    assert "read from .embeddings_best_test.pt" in capsys.readouterr().out
+    assert reads == []
+
+    bad = data / "images" / ds.filenames[3]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated: a new mtime, so embedded again
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ds.filenames[3] in err[0] and "cannot read image" in err[0], err
+
+    (data / "images" / ds.filenames[5]).unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 of" in err and "missing" in err and ds.filenames[5] in err, err
+
+
 def test_interactive_retrieve_answers_each_line_with_the_model_loaded_once(
     tiny_trained_run, tmp_path
 ):
