@@ -107,7 +107,7 @@ ablations: data
 ## bench: the benchmarks, each writing its record (machine, commit, date) to results/bench/:
 ## SMR and GaLR against their dense references side by side, evaluation time against test-set
 ## size with each stage's cost model fitted, training samples/s and peak memory against batch
-## size (tiny config), one Gswin block against timm's Swin block. ~5-10 min on 2 idle cores.
+## size (tiny config), one Gswin block against timm's Swin block. 132 s on 2 idle cores.
 BENCH := results/bench
 # torch's profiler (kineto) logs a spurious "gpuGetDeviceCount failed" ERROR and USDT start/stop
 # lines on a machine without a GPU; level 6 keeps them out (make bench KINETO_LOG_LEVEL=0: all).
