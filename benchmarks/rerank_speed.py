@@ -4,7 +4,8 @@ references (``benchmarks/rerank_reference.py``), side by side in one process.
     .venv/bin/python benchmarks/rerank_speed.py [--images 1093 --repeats 5 --threads 2 \
         --profile 12 --out results/bench/rerank_speed_cpu.json]
 
-S is retrieval-like, float64 (as :mod:`cmpagl.rerank` computes): images of a few classes,
+S is retrieval-like, float32 by default as evaluation passes it (S_itc of float32 embeddings;
+:mod:`cmpagl.rerank` computes in float64, from a copy): images of a few classes,
 five noisy captions per image, and a share of captions that are exact copies of another
 caption of the same class, so whole columns tie as identical captions do in RSICD. Each repeat
 runs every row (reference and ours, SMR and GaLR) in rotating order, so that load from other
@@ -42,7 +43,7 @@ TARGETS_S = {"smr": 0.1, "galr": 0.5}
 def retrieval_like(
     n_img: int = 1093, per_image: int = 5, dim: int = 64, classes: int = 30, dup: float = 0.3
 ) -> torch.Tensor:
-    """[n_img, per_image * n_img] float64 cosine scores with exact duplicate captions (seed 0)."""
+    """[n_img, per_image * n_img] float32 cosine scores with exact duplicate captions (seed 0)."""
     g = torch.Generator().manual_seed(0)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def retrieval_like(
     for j in copies.tolist():  # an identical caption of another image of the same class
         same = (label[owner] == label[owner[j]]).nonzero().squeeze(1)
         text[j] = text[same[torch.randint(0, len(same), (1,), generator=g)]]
-    return (image @ text.T).double()
+    return image @ text.T  # float32
 
 
 def cases(s: torch.Tensor) -> dict[str, tuple[Callable, Callable]]:
@@ -99,12 +100,12 @@ def measure(s: torch.Tensor, repeats: int) -> dict[str, dict]:
         for i, who in enumerate(("ref", "ours"))
     ]
 
-    # the outputs as ours allocates them (2 MB pages), and as torch.empty would (4 KB pages)
-    def copy_to_huge_pages() -> tuple[torch.Tensor, ...]:
-        return tuple(hugepages.empty(s.shape).copy_(s) for _ in range(2))
+    # the float64 outputs as ours allocates them (2 MB pages), and as torch.empty would (4 KB)
+    def copies(empty: Callable) -> tuple[torch.Tensor, ...]:
+        return tuple(empty(s.shape, dtype=torch.float64).copy_(s) for _ in range(2))
 
-    steps.append(("smr", "floor", copy_to_huge_pages))
-    steps.append(("smr", "floor_4k", lambda: (s.clone(), s.clone())))
+    steps.append(("smr", "floor", lambda: copies(hugepages.empty)))
+    steps.append(("smr", "floor_4k", lambda: copies(torch.empty)))
     samples: dict[tuple[str, str], list] = {(n, w): [] for n, w, _ in steps}
     for r in range(repeats):
         for i in range(len(steps)):
@@ -138,13 +139,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", type=int, default=0, help="profiler rows per fast path (0: off)")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="S's dtype (float32: what evaluation passes)",
+    )
     ap.add_argument("--out", help="write the record here (JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = load_average()
-    s = retrieval_like(args.images)
+    s = retrieval_like(args.images).to(getattr(torch, args.dtype))
     print(
-        f"S {tuple(s.shape)} float64, {len(torch.unique(s, dim=1).T)} distinct caption columns; "
+        f"S {tuple(s.shape)} {args.dtype}, {len(torch.unique(s, dim=1).T)} distinct caption "
+        "columns; "
         f"{args.threads} threads, median of {args.repeats} interleaved repeats; "
         f"load average before: {load}"
     )
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"(reference {row['ref']['user_s']:.3f} + {row['ref']['system_s']:.3f}); target "
             f"<= {row['target_s']} s on 2 idle cores"
         )
-    result = {"shape": list(s.shape), "threads": args.threads, "repeats": args.repeats, **rows}
+    result = {"shape": list(s.shape), "dtype": args.dtype, "threads": args.threads}
+    result |= {"repeats": args.repeats, **rows}
     if args.profile:
         result["profile"] = profile_table(s, args.profile)
         for name, table in result["profile"].items():

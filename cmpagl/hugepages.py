@@ -3,8 +3,8 @@
 A new [1,093 x 5,465] float64 matrix (48 MB, the RSICD test size) is a fresh anonymous mapping:
 the first write to each of its 4 KB pages traps into the kernel, which zeroes the page, about
 11,700 traps. Advised with ``MADV_HUGEPAGE``, the same matrix takes 24 traps of 2 MB each: on 2
-idle cores, two such new matrices filled with a copy took 0.030 s on 4 KB pages and 0.008 s on
-huge pages (``benchmarks/rerank_speed.py``, its ``floor`` rows), against 0.053 s for all of SMR.
+idle cores, two such new matrices filled with a copy took 0.032 s on 4 KB pages and 0.011 s on
+huge pages (``benchmarks/rerank_speed.py``, its ``floor`` rows), against 0.059 s for all of SMR.
 PyTorch can do this for every allocation of a process (``THP_MEM_ALLOC_ENABLE=1``, read once
 when torch starts); :func:`empty` does it for the matrices the re-rankers return, whatever the
 environment.
