@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = retrieval_like(args.images).to(getattr(torch, args.dtype))
     print(
         f"S {tuple(s.shape)} {args.dtype}, {len(torch.unique(s, dim=1).T)} distinct caption "
-        "columns; "
-        f"{args.threads} threads, median of {args.repeats} interleaved repeats; "
+        f"columns; {args.threads} threads, median of {args.repeats} interleaved repeats; "
         f"load average before: {load}"
     )
     rows = measure(s, args.repeats)
@@ -177,8 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"(reference {row['ref']['user_s']:.3f} + {row['ref']['system_s']:.3f}); target "
             f"<= {row['target_s']} s on 2 idle cores"
         )
-    result = {"shape": list(s.shape), "dtype": args.dtype, "threads": args.threads}
-    result |= {"repeats": args.repeats, **rows}
+    result = {
+        "shape": list(s.shape),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        **rows,
+    }
     if args.profile:
         result["profile"] = profile_table(s, args.profile)
         for name, table in result["profile"].items():

@@ -573,14 +573,19 @@ class SweepReport:
     #: why the tuned settings are not known yet (a dry run before the tuning sweep finished)
     tuning_pending: str = ""
 
+    def _pairs(self, status: str) -> list[tuple[Run, dict[str, Any]]]:
+        return [
+            (r, rec)
+            for r, rec in zip(self.runs, self.records, strict=True)
+            if _status(rec) == status
+        ]
+
     def with_status(self, status: str) -> list[Run]:
-        return [r for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == status]
+        return [r for r, _ in self._pairs(status)]
 
     def finished(self) -> list[tuple[Run, dict[str, Any]]]:
         """(run, record) of every run whose record says ``ok``, in the spec's order."""
-        return [
-            (r, rec) for r, rec in zip(self.runs, self.records, strict=True) if _status(rec) == "ok"
-        ]
+        return self._pairs("ok")
 
 
 def _current(record: dict[str, Any] | None, params: Mapping[str, Any]) -> dict[str, Any] | None:

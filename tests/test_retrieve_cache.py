@@ -84,8 +84,8 @@ def test_a_repeated_retrieve_reads_no_image_and_a_bad_one_is_named_when_embeddin
     _, cfg, ds, _, _ = _setup(run, tmp_path)
     data = tmp_path / "data"
     shutil.copytree(cfg.data.root, data)
-    args = ["retrieve", "--checkpoint", str(run), "--text", "a red car", "--set"]
-    args.append(f"data.root={data}")
+    args = ["retrieve", "--checkpoint", str(run), "--text", "a red car"]
+    args += ["--set", f"data.root={data}"]
     assert main(args) == 0
     assert "computed and cached" in capsys.readouterr().out
 
