@@ -30,6 +30,7 @@ A spec (relative paths are read from the repository root)::
       baseline: {config: configs/ucm_cpu_baseline.yaml}   # another base config
       tuned_cmpagl: {tuned: cmpagl, overrides: [loss.w_tri=0]}  # the best trial's settings first
       longer: {budget: {epochs: 20}}    # its own budget
+      headline: {seeds: [0, 1, 2, 3, 4]}  # its own seeds (more where 3 do not resolve it)
 
 Tuning: in a ``split: val`` sweep each variant belongs to a ``group`` (default: its name), one
 system's trials. Another sweep's variant with ``tuned: <group>`` trains with that group's best
@@ -144,6 +145,7 @@ class Variant:
     group: str = ""
     tuned: str = ""
     budget: Budget | None = None  # None: the spec's
+    seeds: tuple[int, ...] = ()  # empty: the spec's
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,18 @@ class SweepSpec:
     tuned_by: Path | None = None
     reference: str = ""  # the variant others are compared with, seed by seed (default: first)
 
+    def variant_seeds(self, variant: Variant) -> tuple[int, ...]:
+        """The seeds ``variant`` runs: its own where it names them, else the spec's."""
+        return variant.seeds or self.seeds
+
+    def all_seeds(self) -> tuple[int, ...]:
+        """The spec's seeds, then the further ones that some variants name, in order."""
+        return tuple(dict.fromkeys([*self.seeds, *(s for v in self.variants for s in v.seeds)]))
+
     def runs(self) -> list[Run]:
         """Every (variant, seed), seed by seed: a sweep stopped half-way has whole seeds of
-        every variant to compare rather than every seed of a few variants."""
+        every variant to compare rather than every seed of a few variants. Seeds that only
+        some variants name come after the spec's."""
         return [
             Run(
                 v,
@@ -192,8 +203,9 @@ class SweepSpec:
                 self.results / v.name / f"seed{seed}.json",
                 self.out / v.name / f"seed{seed}" / self.notebook.name,
             )
-            for seed in self.seeds
+            for seed in self.all_seeds()
             for v in self.variants
+            if seed in self.variant_seeds(v)
         ]
 
 
@@ -201,7 +213,7 @@ def _spec_error(path: Path, key: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {key}: {message}", key=key, source=str(path))
 
 
-_VARIANT_KEYS = ("config", "overrides", "group", "tuned", "budget")
+_VARIANT_KEYS = ("config", "overrides", "group", "tuned", "budget", "seeds")
 
 
 def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
@@ -214,7 +226,7 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise _spec_error(path, key, "a name of letters, digits and _ . + - (a folder name)")
         config, overrides = base, value if value is not None else []
-        group, tuned, budget = name, "", None
+        group, tuned, budget, seeds = name, "", None, ()
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(_VARIANT_KEYS))
             if unknown:
@@ -228,14 +240,24 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
                 budget = from_dict(Budget, value["budget"], f"{path}: {key}.budget")
                 if min(budget.epochs, budget.max_steps) < 0:
                     raise _spec_error(path, f"{key}.budget", "epochs and max_steps must be >= 0")
+            if value.get("seeds") is not None:
+                seeds = _read_seeds(path, f"{key}.seeds", value["seeds"])
         if not isinstance(overrides, list) or not all(
             isinstance(o, str) and "=" in o for o in overrides
         ):
             raise _spec_error(path, key, f"expected a list of key=value strings, got {value!r}")
         if not config.is_file():
             raise _spec_error(path, key, f"config file {config} not found")
-        out.append(Variant(name, config, tuple(overrides), group, tuned, budget))
+        out.append(Variant(name, config, tuple(overrides), group, tuned, budget, seeds))
     return tuple(out)
+
+
+def _read_seeds(path: Path, key: str, raw: Any) -> tuple[int, ...]:
+    """A non-empty list of distinct integer seeds."""
+    ok = isinstance(raw, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in raw)
+    if not ok or not raw or len(set(raw)) != len(raw):
+        raise _spec_error(path, key, f"expected a list of distinct integer seeds, got {raw!r}")
+    return tuple(raw)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -263,8 +285,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     notebook = resolve_path(fields.notebook)
     if not notebook.is_file():
         raise _spec_error(path, "notebook", f"{notebook} not found")
-    if not fields.seeds or len(set(fields.seeds)) != len(fields.seeds):
-        raise _spec_error(path, "seeds", f"expected distinct seeds, got {list(fields.seeds)}")
+    _read_seeds(path, "seeds", list(fields.seeds))
     if min(fields.budget.epochs, fields.budget.max_steps, fields.retries) < 0:
         raise _spec_error(path, "budget", "epochs, max_steps and retries must be >= 0")
     if fields.rerankers:
@@ -637,7 +658,7 @@ def run_sweep(
         tuning, pending = {}, str(err)
     runs = spec.runs()
     unknown = [v for v in only if v not in {r.variant.name for r in runs}]
-    unknown += [s for s in seeds if s not in spec.seeds]
+    unknown += [s for s in seeds if s not in spec.all_seeds()]
     if unknown:
         raise ConfigError(f"{spec.path}: no variant or seed {unknown} in this sweep")
     params = {run: run_parameters(spec, run, extra) for run in runs}

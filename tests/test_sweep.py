@@ -20,7 +20,7 @@ import yaml
 from test_train_notebook import tiny_overrides
 
 from cmpagl.config import ConfigError
-from cmpagl.experiments import load_spec, main, run_sweep
+from cmpagl.experiments import load_spec, main, run_sweep, table_markdown
 
 MAX_STEPS = 4
 
@@ -74,6 +74,31 @@ def test_spec_variants_lists_or_another_base_config(tmp_path, repo_root):
     assert runs[0].record_path == spec.results / "full" / "seed0.json"
 
 
+def test_a_variant_with_more_seeds_runs_them_after_every_variant_has_the_spec_seeds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nresults: {tmp_path}\nvariants:\n"
+        "  full: {seeds: [0, 1, 2, 3]}\n  no_tri: [loss.w_tri=0]\n"
+        "  baseline: {seeds: [0, 1, 3]}\n"
+    )
+    spec = load_spec(path)
+    assert spec.all_seeds() == (0, 1, 2, 3)
+    assert [(r.variant.name, r.seed) for r in spec.runs()] == [
+        ("full", 0),
+        ("no_tri", 0),
+        ("baseline", 0),
+        ("full", 1),
+        ("no_tri", 1),
+        ("baseline", 1),
+        ("full", 2),
+        ("full", 3),
+        ("baseline", 3),
+    ]
+    report = run_sweep(spec, dry_run=True)
+    assert "| full | 0/4 |" in table_markdown(report)
+    assert "| no_tri | 0/2 |" in table_markdown(report)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -83,7 +108,10 @@ def test_spec_variants_lists_or_another_base_config(tmp_path, repo_root):
         ("config: configs/ucm_cpu.yaml\nvariants: {a/b: []}\n", "a folder name"),
         ("config: configs/ucm_cpu.yaml\nvariants: {a: [loss.w_tri]}\n", "key=value strings"),
         ("config: configs/ucm_cpu.yaml\nvariants: {a: {cfg: x.yaml}}\n", "unknown key"),
-        ("config: configs/ucm_cpu.yaml\nseeds: [1, 1]\nvariants: {a: []}\n", "distinct seeds"),
+        ("config: configs/ucm_cpu.yaml\nseeds: [1, 1]\nvariants: {a: []}\n", "distinct integer"),
+        ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: [3, 3]}}\n", "a.seeds: expected"),
+        ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: 3}}\n", "a.seeds: expected"),
+        ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: []}}\n", "a.seeds: expected"),
         ("config: configs/ucm_cpu.yaml\nrerankers: [smrr]\nvariants: {a: []}\n", "smrr"),
     ],
 )
