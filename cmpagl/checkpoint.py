@@ -159,10 +159,15 @@ def weights_mismatch(own: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+#: Tracked paths whose changes leave the code that runs as committed: the records that runs and
+#: benchmarks write (and a sweep commits after each run), the book's prose, the tests, Markdown.
+NOT_CODE = ("results/**", "book/**", "tests/**", "**/*.md")  # git glob pathspecs
+
+
 def git_state(where: str | os.PathLike[str]) -> str | None:
     """The commit checked out in the repository holding ``where`` (``git rev-parse HEAD``), with
-    ``-dirty`` appended when tracked files differ from it (the code that ran is then not that
-    commit); None without git or outside a repository."""
+    ``-dirty`` appended when tracked files other than :data:`NOT_CODE` differ from it (the code
+    that ran is then not that commit); None without git or outside a repository."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -171,7 +176,8 @@ def git_state(where: str | os.PathLike[str]) -> str | None:
 
     try:
         sha = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        exclude = [f":(top,exclude,glob){p}" for p in NOT_CODE]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude))
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if sha and dirty else sha or None

@@ -174,6 +174,18 @@ def test_git_state_marks_a_modified_tree_dirty(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", clean)
     (tmp_path / "notes.txt").write_text("untracked files do not count\n")
     assert git_state(tmp_path) == clean
+    # a record, the book's prose, a test or a note changed: the code that ran is the commit
+    for name in ("results/r/seed0.json", "book/part.md", "tests/test_x.py", "cmpagl/NOTES.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "d")
+    clean = git_state(tmp_path)
+    for name in ("results/r/seed0.json", "book/part.md", "tests/test_x.py", "cmpagl/NOTES.md"):
+        (tmp_path / name).write_text("2\n")
+    assert git_state(tmp_path) == clean
+    (tmp_path / "results" / "r" / "code.py").write_text("x = 3\n")  # untracked
+    assert git_state(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")  # the code that runs is not the commit
     assert git_state(tmp_path) == f"{clean}-dirty"
 
