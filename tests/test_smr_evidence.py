@@ -38,8 +38,7 @@ def test_the_cross_fit_scores_each_half_with_what_the_other_chose(evidence):
     out = evidence._cross_fit(s, txt2img, captions, axes, "max")
     halves = [torch.arange(0, 12, 2), torch.arange(1, 12, 2)]
     none = [
-        evaluate_retrieval(*evidence._half(s, txt2img, captions, h)[:2])["r_mean"]
-        for h in halves
+        evaluate_retrieval(*evidence._half(s, txt2img, captions, h)[:2])["r_mean"] for h in halves
     ]
     assert out["none"] == pytest.approx(sum(none) / 2)
     assert len(out["folds"]) == 2
