@@ -9,10 +9,12 @@ them); nothing here trains or evaluates.
     target_verdict(paired_interval(report, "baseline", "cmpagl"), 5.0)
     budget_markdown(report, ["cmpagl"])     # was the budget long enough?
     grid_edges_markdown(report)             # re-ranker settings chosen at an end of their grid
+    grid_widening_markdown(json.load(open("results/decisions/ucm_smr_grid.json")))  # and a wider
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ __all__ = [
     "compute_markdown",
     "findings",
     "grid_edges_markdown",
+    "grid_widening_markdown",
     "late_gain",
     "load_report",
     "long_table",
@@ -235,6 +238,39 @@ def grid_edges_markdown(report: SweepReport) -> str:
             f"| {name} | {row['runs']} | {row['edge']} | {which or '–'} | {row['off']} "
             f"| {row['unknown']} |"
         )
+    return "\n".join(lines)
+
+
+def grid_widening_markdown(record: Mapping[str, Any]) -> str:
+    """A Markdown table from the record of ``experiments/smr_evidence.py grid``: per checkpoint,
+    SMR's best validation mR (and the k it chose) from today's grids and from wider ones, and
+    the two-fold cross-fit within val of each; then a line with the mean differences."""
+    lines = [
+        "| run | val mR, none | SMR, today's grids (k) | SMR, wider grids (k) "
+        "| cross-fit: none | today's | wider |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["runs"]:
+        d, w = r["default"], r["wide"]
+        cells = [
+            f"{v['val_value']:.2f} ({'off' if v['params'] is None else v['params']['k']})"
+            for v in (d, w)
+        ]
+        name = "/".join(Path(r["checkpoint"]).parts[-2:])
+        fits = [d["cross_fit"]["none"], d["cross_fit"]["chosen"], w["cross_fit"]["chosen"]]
+        lines.append(
+            f"| {name} | {d['val_off_value']:.2f} | {cells[0]} | {cells[1]} | "
+            + " | ".join(f"{v:.2f}" for v in fits)
+            + " |"
+        )
+    val, fit = record["wide_minus_default_val"], record["wide_minus_default_cross_fit"]
+    lines += [
+        "",
+        f"Wider minus today's grids over {len(val)} checkpoints, mean (range): "
+        f"{statistics.fmean(val):+.2f} ({min(val):+.2f} to {max(val):+.2f}) validation mR "
+        "chosen and scored on the same split; "
+        f"{statistics.fmean(fit):+.2f} ({min(fit):+.2f} to {max(fit):+.2f}) in the cross-fit.",
+    ]
     return "\n".join(lines)
 
 

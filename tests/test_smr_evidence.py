@@ -47,3 +47,38 @@ def test_the_cross_fit_scores_each_half_with_what_the_other_chose(evidence):
         torch.nn.functional.one_hot(txt2img).T.float(), txt2img, captions, axes, "max"
     )
     assert perfect["none"] == pytest.approx(100.0) and perfect["chosen"] == pytest.approx(100.0)
+
+
+def test_the_widening_table_reads_the_record():
+    from cmpagl.study import grid_widening_markdown
+
+    def side(value, k, fit):
+        params = None if k is None else {"tau_s": 0.05, "k": k, "lam": 1.0}
+        return {
+            "val_value": value,
+            "val_off_value": 10.0,
+            "params": params,
+            "cross_fit": {"none": 20.0, "chosen": fit},
+        }
+
+    record = {
+        "runs": [
+            {
+                "checkpoint": "runs/s/a/seed0",
+                "default": side(12.0, 50, 22.0),
+                "wide": side(12.5, 200, 21.5),
+            },
+            {
+                "checkpoint": "runs/s/b/seed1",
+                "default": side(10.0, None, 20.0),
+                "wide": side(10.3, 1000, 20.5),
+            },
+        ],
+        "wide_minus_default_val": [0.5, 0.3],
+        "wide_minus_default_cross_fit": [-0.5, 0.5],
+    }
+    text = grid_widening_markdown(record)
+    assert "| a/seed0 | 10.00 | 12.00 (50) | 12.50 (200) | 20.00 | 22.00 | 21.50 |" in text
+    assert "| b/seed1 | 10.00 | 10.00 (off) | 10.30 (1000) |" in text
+    assert "over 2 checkpoints, mean (range): +0.40 (+0.30 to +0.50)" in text
+    assert "+0.00 (-0.50 to +0.50) in the cross-fit" in text
