@@ -247,7 +247,7 @@ def grid_widening_markdown(record: Mapping[str, Any]) -> str:
     the two-fold cross-fit within val of each; then a line with the mean differences."""
     lines = [
         "| run | val mR, none | SMR, today's grids (k) | SMR, wider grids (k) "
-        "| cross-fit: none | today's | wider |",
+        "| held-out halves: none | today's | wider |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in record["runs"]:
