@@ -680,11 +680,17 @@ def run_sweep(
         desc=spec.name,
         dynamic_ncols=True,
         file=sys.stderr,
+        # the time left comes from the records (time_left), not from this call's rate: a resumed
+        # sweep has none yet, and a baseline run is twice as fast as a CMPAGL one
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
     )
     log = log or bar.write
     try:
-        for i in todo:
-            bar.set_postfix_str(runs[i].label)
+        for n, i in enumerate(todo):
+            left = time_left(report, todo[n:])
+            bar.set_postfix_str(
+                runs[i].label + ("" if left is None else f"; ≈ {_duration(left)} left")
+            )
             records[i] = _attempt(spec, runs[i], params[runs[i]], log)
             report.executed += 1
             write_tables(report)  # after every run: an interrupted sweep keeps its table
@@ -695,6 +701,32 @@ def run_sweep(
         bar.close()
     write_tables(report)
     return report
+
+
+def _whole_run_s(record: Mapping[str, Any]) -> float:
+    """A finished run's wall time: this call's (``run_wall_s``), or its training time summed
+    over every attempt where that is longer (a run resumed from its checkpoint)."""
+    training = record.get("training") or {}
+    return max(float(record.get("run_wall_s") or 0), float(training.get("wall_time_s") or 0))
+
+
+def time_left(report: SweepReport, todo: Sequence[int]) -> float | None:
+    """Seconds the runs ``todo`` (indices into ``report.runs``) will take, from the finished
+    runs' wall times: each takes as long as its variant's latest finished run (by the record's
+    ``created`` time: the machine a sweep now runs on, not the ones it ran on before), or the
+    latest of all where its variant has none yet; None before any run has finished."""
+    finished = sorted(report.finished(), key=lambda pair: str(pair[1].get("created", "")))
+    latest = {run.variant.name: _whole_run_s(rec) for run, rec in finished if _whole_run_s(rec)}
+    if not latest:
+        return None
+    last = _whole_run_s(next(rec for _, rec in reversed(finished) if _whole_run_s(rec)))
+    return sum(latest.get(report.runs[i].variant.name, last) for i in todo)
+
+
+def _duration(seconds: float) -> str:
+    """``2 h 05 min`` or ``14 min``."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def commit_results(spec: SweepSpec, what: str, log: Callable[[str], None] = print) -> bool:
@@ -935,6 +967,13 @@ def plan_text(report: SweepReport) -> str:
     if report.tuning_pending:
         lines.append(f"  tuned settings not known yet: {report.tuning_pending}")
     lines += [f"  tuned: {c.describe()}" for c in report.tuning.values()]
+    todo = [i for i, rec in enumerate(report.records) if _status(rec) != "ok"]
+    left = time_left(report, todo)
+    if todo and left is not None:
+        lines.append(
+            f"  {len(todo)} runs to go, ≈ {_duration(left)} (each run as long as its variant's"
+            " latest finished run)"
+        )
     for run, rec in zip(report.runs, report.records, strict=True):
         status = _status(rec)
         if status == "pending" and (run.run_dir / "last").is_dir():

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -666,6 +667,56 @@ def test_the_progress_bar_counts_the_selected_runs(tmp_path, capsys):
     run_sweep(spec, only=["full"], seeds=[0, 1])
     bar = capsys.readouterr().err
     assert "2/2" in bar and "/6" not in bar
+
+
+def test_time_left_counts_each_pending_run_as_its_variants_latest_run(tmp_path, capsys):
+    """The estimate comes from the records: a resumed sweep has one before any run of this call
+    finished, and a variant that trains twice as fast counts half as long."""
+    from cmpagl.experiments import time_left
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n  fast: [loss.w_tri=0]\n"
+        "  new: [loss.w_itm=0]\n"
+    )
+    spec = load_spec(spec_path)
+    done = {  # (variant, seed): (created, run_wall_s, training wall_time_s)
+        ("full", 0): ("2026-11-01T10:00:00+0000", 3000.0, 2900.0),  # an old, slow machine
+        ("full", 1): ("2026-11-02T10:00:00+0000", 100.0, 1000.0),  # resumed: 1000 s in all
+        ("fast", 0): ("2026-11-02T09:00:00+0000", 500.0, 450.0),
+    }
+    for run in spec.runs():
+        if (run.variant.name, run.seed) in done:
+            created, wall, train_s = done[run.variant.name, run.seed]
+            record = {
+                "status": "ok",
+                "split": "test",
+                "overrides": list(run.variant.overrides),
+                "test": {},
+                "created": created,
+                "run_wall_s": wall,
+                "training": {"best_val_r_mean": 1, "wall_time_s": train_s},
+            }
+            run.record_path.parent.mkdir(parents=True, exist_ok=True)
+            run.record_path.write_text(json.dumps(record))
+    report = run_sweep(spec, dry_run=True)
+    todo = [i for i, r in enumerate(report.records) if r is None]
+    assert [report.runs[i].label for i in todo] == [
+        "new seed 0",
+        "fast seed 1",
+        "new seed 1",
+        "full seed 2",
+        "fast seed 2",
+        "new seed 2",
+    ]
+    # new: none finished, so the latest of all (full seed 1, 1000 s); fast 500; full 1000
+    assert time_left(report, todo) == 1000 + 500 + 1000 + 1000 + 500 + 1000
+    assert time_left(report, []) == 0
+    nothing_yet = replace(spec, results=tmp_path / "elsewhere")
+    assert time_left(run_sweep(nothing_yet, dry_run=True), todo) is None
+    main([str(spec_path), "--dry-run"])
+    assert "6 runs to go, ≈ 1 h 23 min" in capsys.readouterr().out
 
 
 def test_commit_results_commits_the_results_folder_only(tmp_path):
