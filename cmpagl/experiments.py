@@ -716,11 +716,12 @@ def time_left(report: SweepReport, todo: Sequence[int]) -> float | None:
     ``created`` time: the machine a sweep now runs on, not the ones it ran on before), or the
     latest of all where its variant has none yet; None before any run has finished."""
     finished = sorted(report.finished(), key=lambda pair: str(pair[1].get("created", "")))
-    latest = {run.variant.name: _whole_run_s(rec) for run, rec in finished if _whole_run_s(rec)}
-    if not latest:
+    timed = [(run.variant.name, _whole_run_s(rec)) for run, rec in finished]
+    timed = [(name, s) for name, s in timed if s > 0]
+    if not timed:
         return None
-    last = _whole_run_s(next(rec for _, rec in reversed(finished) if _whole_run_s(rec)))
-    return sum(latest.get(report.runs[i].variant.name, last) for i in todo)
+    latest = dict(timed)  # the last one of each variant wins
+    return sum(latest.get(report.runs[i].variant.name, timed[-1][1]) for i in todo)
 
 
 def _duration(seconds: float) -> str:
