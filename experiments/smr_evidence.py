@@ -148,6 +148,8 @@ def main() -> None:
     runs = [p for p in args.runs if (Path(p) / "best").is_dir()]
     if not runs:
         ap.error(f"no run with a best/ checkpoint among {args.runs}")
+    for skipped in sorted(set(args.runs) - set(runs)):
+        print(f"{skipped}: left out, no best/ checkpoint there (a run still training?)")
     if args.study == "scale":
         out = {**scale(runs[0]), "git_commit": git_commit(), "torch": torch.__version__}
     else:
@@ -176,7 +178,7 @@ def main() -> None:
             "runs": per_run,
         }
         print(
-            f"wide - today's grid over {len(per_run)} runs: val mR +{statistics.fmean(gain):.2f} "
+            f"wide - today's grid over {len(per_run)} runs: val mR {statistics.fmean(gain):+.2f} "
             f"(selected on the same split), cross-fit {statistics.fmean(fit):+.2f}"
         )
     out["seconds"] = time.time() - t0
