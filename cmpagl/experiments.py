@@ -230,8 +230,12 @@ def _read_variants(path: Path, raw: Any, base: Path) -> tuple[Variant, ...]:
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(_VARIANT_KEYS))
             if unknown:
+                close = difflib.get_close_matches(str(unknown[0]), _VARIANT_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise _spec_error(
-                    path, key, f"unknown key(s) {unknown}; known: {', '.join(_VARIANT_KEYS)}"
+                    path,
+                    key,
+                    f"unknown key(s) {unknown}{hint}; known: {', '.join(_VARIANT_KEYS)}",
                 )
             config = resolve_path(value.get("config") or base)
             overrides = value.get("overrides") or []
@@ -978,7 +982,14 @@ def plan_text(report: SweepReport) -> str:
     for run, rec in zip(report.runs, report.records, strict=True):
         status = _status(rec)
         if status == "pending" and (run.run_dir / "last").is_dir():
-            status = "interrupted (resumes from its checkpoint)"
+            from cmpagl.lock import read_lock
+
+            owner = read_lock(run.run_dir)
+            status = (
+                f"training now ({owner.describe()})"
+                if owner is not None and owner.alive()
+                else "started, not finished (resumes from its checkpoint)"
+            )
         overrides = " ".join([*report.spec.overrides, *run.variant.overrides]) or "-"
         lines.append(
             f"  {run.label:<28} {status:<10} {portable_path(run.variant.config)} {overrides}"

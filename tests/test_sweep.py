@@ -113,6 +113,7 @@ def test_a_variant_with_more_seeds_runs_them_after_every_variant_has_the_spec_se
         ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: [3, 3]}}\n", "a.seeds: expected"),
         ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: 3}}\n", "a.seeds: expected"),
         ("config: configs/ucm_cpu.yaml\nvariants: {a: {seeds: []}}\n", "a.seeds: expected"),
+        ("config: configs/ucm_cpu.yaml\nvariants: {a: {seed: [3]}}\n", "did you mean 'seeds'"),
         ("config: configs/ucm_cpu.yaml\nrerankers: [smrr]\nvariants: {a: []}\n", "smrr"),
     ],
 )
@@ -717,6 +718,33 @@ def test_time_left_counts_each_pending_run_as_its_variants_latest_run(tmp_path, 
     assert time_left(run_sweep(nothing_yet, dry_run=True), todo) is None
     main([str(spec_path), "--dry-run"])
     assert "6 runs to go, ≈ 1 h 23 min" in capsys.readouterr().out
+
+
+def test_the_plan_tells_a_run_training_now_from_one_left_half_way(tmp_path, capsys):
+    import socket
+
+    from cmpagl.lock import LOCK_FILE
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n"
+    )
+    first, second = load_spec(spec_path).runs()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for run, pid in ((first, os.getpid()), (second, int(dead.stdout))):
+        (run.run_dir / "last").mkdir(parents=True)
+        owner = {"pid": pid, "host": socket.gethostname(), "started": "2026-12-01 02:00:00 +0000"}
+        (run.run_dir / LOCK_FILE).write_text(json.dumps(owner))
+    main([str(spec_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"full seed 0                  training now (pid {os.getpid()} on host" in out
+    assert "full seed 1                  started, not finished (resumes from its checkpoint)" in out
 
 
 def test_commit_results_commits_the_results_folder_only(tmp_path):
