@@ -968,6 +968,8 @@ def summary_text(report: SweepReport) -> str:
 
 def plan_text(report: SweepReport) -> str:
     """``--dry-run``: every run with its state."""
+    from cmpagl.lock import read_lock
+
     lines = [f"sweep {report.spec.name} ({report.spec.path}): {len(report.runs)} runs"]
     if report.tuning_pending:
         lines.append(f"  tuned settings not known yet: {report.tuning_pending}")
@@ -982,8 +984,6 @@ def plan_text(report: SweepReport) -> str:
     for run, rec in zip(report.runs, report.records, strict=True):
         status = _status(rec)
         if status == "pending" and (run.run_dir / "last").is_dir():
-            from cmpagl.lock import read_lock
-
             owner = read_lock(run.run_dir)
             status = (
                 f"training now ({owner.describe()})"
