@@ -8,6 +8,7 @@ them); nothing here trains or evaluates.
     claims_markdown(report, [Claim("the global window helps", "cmpagl", "no_global")])
     target_verdict(paired_interval(report, "baseline", "cmpagl"), 5.0)
     budget_markdown(report, ["cmpagl"])     # was the budget long enough?
+    setting_table(report, "loss.lambda_intra", ["add_pool", "lambda_intra_0"])  # a sweep
     grid_edges_markdown(report)             # re-ranker settings chosen at an end of their grid
     grid_widening_markdown(json.load(open("results/decisions/ucm_smr_grid.json")))  # and a wider
 """
@@ -44,6 +45,7 @@ __all__ = [
     "load_report",
     "long_table",
     "paired_interval",
+    "setting_table",
     "target_verdict",
 ]
 
@@ -74,6 +76,39 @@ def long_table(report: SweepReport):
             )
     columns = ["variant", "seed", "reranker", *KEYS, "val_r_mean"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def setting_table(report: SweepReport, key: str, variants: Sequence[str], reranker: str = "none"):
+    """Test mR against one setting swept by ``variants``: a pandas DataFrame with ``variant``,
+    ``seed``, ``value`` (the dotted ``key``, e.g. ``loss.lambda_intra``, as the run's resolved
+    config holds it) and ``r_mean`` (re-ranker ``reranker``), one row per finished run, sorted
+    by value then seed; for plotting a sweep such as λ_intra's.
+
+    Raises:
+        KeyError: a record's resolved config has no ``key``.
+    """
+    import pandas as pd
+
+    wanted = set(variants)
+    rows = []
+    for run, rec in report.finished():
+        if run.variant.name not in wanted or reranker not in _metrics(rec):
+            continue
+        value: Any = rec.get("config_resolved", {})
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                raise KeyError(f"{run.record_path}: its resolved config has no {key!r}")
+            value = value[part]
+        rows.append(
+            {
+                "variant": run.variant.name,
+                "seed": run.seed,
+                "value": value,
+                "r_mean": _metrics(rec)[reranker]["r_mean"],
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["variant", "seed", "value", "r_mean"])
+    return frame.sort_values(["value", "seed"], ignore_index=True)
 
 
 def paired_interval(report: SweepReport, a: str, b: str, r_a: str = "none", r_b: str = "none"):

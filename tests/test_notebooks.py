@@ -129,6 +129,7 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     import papermill as pm
     import yaml
 
+    from cmpagl.config import ExperimentConfig, load_config, to_dict
     from cmpagl.experiments import load_spec, resolve_tuning, run_parameters
 
     real = repo_root / "experiments" / "sweeps" / "ucm_ablations.yaml"
@@ -158,18 +159,52 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
         run.record_path.parent.mkdir(parents=True, exist_ok=True)
         run.record_path.write_text(json.dumps(rec))
 
+    # the synthetic switches: every row 1 mR below the defaults, except λ (its own curve)
+    arch_raw = yaml.safe_load((repo_root / "experiments/sweeps/synthetic_arch.yaml").read_text())
+    arch_raw.update(out=str(tmp_path / "arch_runs"), results=str(tmp_path / "results"))
+    arch_path = tmp_path / "arch.yaml"
+    arch_path.write_text(yaml.safe_dump(arch_raw, sort_keys=False))
+    arch_spec = load_spec(arch_path)
+    lam_shift = {"lambda_intra_0": -2.0, "lambda_intra_0.05": -0.5, "lambda_intra_0.2": -0.5}
+    for run in arch_spec.runs():
+        rec = copy.deepcopy(template)
+        rec.update(variant=run.variant.name, seed=run.seed, status="ok")
+        rec["overrides"] = overrides = run_parameters(arch_spec, run)["overrides"]
+        rec["config_resolved"] = to_dict(
+            load_config(run.variant.config, ExperimentConfig, overrides)
+        )
+        name = run.variant.name
+        delta = 0.0 if name == "add_pool" else lam_shift.get(name, -1.0)
+        for metrics in rec["test"].values():
+            metrics["r_mean"] += delta
+        run.record_path.parent.mkdir(parents=True, exist_ok=True)
+        run.record_path.write_text(json.dumps(rec))
+
     out = tmp_path / "04.ipynb"
     pm.execute_notebook(
         str(repo_root / "notebooks" / "04_seed_tables.ipynb"),
         str(out),
-        parameters={"study": str(spec_path)},
+        parameters={"study": str(spec_path), "architecture": str(arch_path)},
         kernel_name="python3",
         cwd=str(repo_root / "notebooks"),
         progress_bar=False,
     )
     nb = json.loads(out.read_text())
     assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
-    text = _study_outputs(nb)
+    # the synthetic section: its findings, its claims and the curves of the swept settings
+    start = next(i for i, c in enumerate(nb["cells"]) if "arch_claims" in "".join(c["source"]))
+    arch_text = _study_outputs({"cells": nb["cells"][start : start + 1]})
+    m = len(arch_spec.variants)
+    assert arch_text.count(" | 3/3 | ") == m
+    assert "- no global path at all (a Swin): -1.00 [-1.00, -1.00] mR against add_pool" in arch_text
+    assert "| add_pool (none) − swin (none) | +1.00 [+1.00, +1.00] | 3 | supported |" in arch_text
+    assert "| add_pool (none) − lambda_intra_0 (none) | +2.00 [+2.00, +2.00] | 3 | supported |" in (
+        arch_text
+    )
+    curves = nb["cells"][start + 2]
+    assert "setting_table" in "".join(curves["source"])
+    assert [o for o in curves["outputs"] if "image/png" in o.get("data", {})]
+    text = _study_outputs({"cells": nb["cells"][:start] + nb["cells"][start + 1 :]})
     n = len(spec.variants)
     assert f"{3 * n} of {3 * n} runs finished" in text
     assert text.count(" | 3/3 | ") == n

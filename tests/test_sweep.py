@@ -785,3 +785,37 @@ def test_commit_results_commits_the_results_folder_only(tmp_path):
     assert "draft.txt" in git("status", "--porcelain")
     assert not commit_results(spec, "m seed 0: ok", lines.append)  # nothing new
     assert lines[-1].startswith("commit: nothing new")
+
+
+def test_a_setting_sweep_reads_each_runs_value_from_its_resolved_config(tmp_path):
+    """``setting_table`` takes the swept value from what the run trained with (its resolved
+    config), not from the variant's name, and keeps only the variants asked for."""
+    from cmpagl.study import load_report, setting_table
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/synthetic_tiny.yaml\nseeds: [0, 1]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  base: []\n  lam_0: [loss.lambda_intra=0.0]\n"
+        "  lam_0.5: [loss.lambda_intra=0.5]\n  concat: [model.gswin.global_mode=concat]\n"
+    )
+    lam = {"base": 0.1, "lam_0": 0.0, "lam_0.5": 0.5, "concat": 0.1}
+    for run in load_spec(spec_path).runs():
+        if (run.variant.name, run.seed) == ("lam_0.5", 1):
+            continue  # not finished
+        record = {
+            "status": "ok",
+            "split": "test",
+            "training": {},
+            "config_resolved": {"loss": {"lambda_intra": lam[run.variant.name]}},
+            "test": {"none": {"r_mean": 10 * lam[run.variant.name] + run.seed}},
+        }
+        run.record_path.parent.mkdir(parents=True, exist_ok=True)
+        run.record_path.write_text(json.dumps(record))
+    report = load_report(spec_path)
+    frame = setting_table(report, "loss.lambda_intra", ["lam_0.5", "base", "lam_0"])
+    assert list(frame["variant"]) == ["lam_0", "lam_0", "base", "base", "lam_0.5"]
+    assert list(frame["value"]) == [0.0, 0.0, 0.1, 0.1, 0.5]
+    assert list(frame["r_mean"]) == pytest.approx([0.0, 1.0, 1.0, 2.0, 5.0])
+    assert setting_table(report, "loss.lambda_intra", ["base"], reranker="smr").empty
+    with pytest.raises(KeyError, match="model.gswin.gamma_init"):
+        setting_table(report, "model.gswin.gamma_init", ["base"])
