@@ -192,8 +192,10 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     nb = json.loads(out.read_text())
     assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
     # the synthetic section: its findings, its claims and the curves of the swept settings
-    start = next(i for i, c in enumerate(nb["cells"]) if "arch_claims" in "".join(c["source"]))
-    arch_text = _study_outputs({"cells": nb["cells"][start : start + 1]})
+    heads = [i for i, c in enumerate(nb["cells"]) if "".join(c["source"]).startswith("## ")]
+    start = next(i for i in heads if "".join(nb["cells"][i]["source"]).startswith("## Arch"))
+    end = heads[heads.index(start) + 1]
+    arch_text = _study_outputs({"cells": nb["cells"][start:end]})
     m = len(arch_spec.variants)
     assert arch_text.count(" | 3/3 | ") == m
     assert "- no global path at all (a Swin): -1.00 [-1.00, -1.00] mR against add_pool" in arch_text
@@ -201,10 +203,9 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     assert "| add_pool (none) − lambda_intra_0 (none) | +2.00 [+2.00, +2.00] | 3 | supported |" in (
         arch_text
     )
-    curves = nb["cells"][start + 2]
-    assert "setting_table" in "".join(curves["source"])
+    (curves,) = [c for c in nb["cells"][start:end] if "setting_table(" in "".join(c["source"])]
     assert [o for o in curves["outputs"] if "image/png" in o.get("data", {})]
-    text = _study_outputs({"cells": nb["cells"][:start] + nb["cells"][start + 1 :]})
+    text = _study_outputs({"cells": nb["cells"][:start] + nb["cells"][end:]})
     n = len(spec.variants)
     assert f"{3 * n} of {3 * n} runs finished" in text
     assert text.count(" | 3/3 | ") == n
