@@ -351,6 +351,20 @@ class PairedInterval:
         """``"+1.23 [−0.40, +2.86]"``, or ``"+1.23 (1 seed, no interval)"``."""
         return self.value() + (" (1 seed, no interval)" if self.half_width is None else "")
 
+    def seeds_to_resolve(self, limit: int = 30) -> int | None:
+        """The fewest seeds whose interval would exclude 0 if more seeds kept today's mean and
+        spread of the differences: the smallest ``n`` with ``t_{0.975}(n - 1) · sd / √n <
+        |mean|``. A planning figure, not a promise (the mean moves as seeds come in); None with
+        one seed or when more than ``limit`` seeds would be needed."""
+        if self.n < 2:
+            return None
+        sd, mean = statistics.stdev(self.differences), abs(self.mean)
+        for n in range(2, limit + 1):
+            t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+            if t * sd / n**0.5 < mean:
+                return n
+        return None
+
     def verdict(self) -> str:
         if self.half_width is None:
             return "not resolved (1 seed)"

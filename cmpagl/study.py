@@ -142,9 +142,17 @@ def findings(
                 f"({reranker}); no interval yet."
             )
             continue
+        plan = ""
+        if not iv.resolved:
+            need = iv.seeds_to_resolve()
+            plan = (
+                f"; at this mean and spread about {need} seeds would resolve it"
+                if need
+                else "; at this mean and spread not even 30 seeds would resolve it"
+            )
         out.append(
             f"{what}: {iv.describe()} mR against {report.spec.reference} over {iv.n} "
-            f"seeds ({reranker}); {iv.verdict()}."
+            f"seeds ({reranker}); {iv.verdict()}{plan}."
         )
     return out
 

@@ -204,6 +204,22 @@ def test_paired_interval_is_the_t_interval_over_seeds():
     assert one.half_width is None and not one.resolved and "1 seed" in one.describe()
 
 
+def test_seeds_to_resolve_keeps_the_mean_and_spread_and_asks_the_t_interval():
+    """Mean 1, sd 1: t(n - 1) / √n first drops below 1 at n = 7 (2.447 / √7 = 0.925; at n = 6
+    2.571 / √6 = 1.050); an interval that is already resolved needs no more seeds than it has."""
+    from cmpagl.report import PairedInterval
+
+    iv = PairedInterval((2.0, 0.0, 1.0))
+    assert not iv.resolved and iv.seeds_to_resolve() == 7
+    assert iv.seeds_to_resolve(limit=6) is None
+    # with 7 seeds of that mean and spread, the interval does exclude 0
+    seven = PairedInterval((1.0, 1.0, 1.0, 1.0, 1.0, 1.0 + 3**0.5, 1.0 - 3**0.5))  # sd 1
+    assert statistics.stdev(seven.differences) == pytest.approx(1.0) and seven.resolved
+    assert PairedInterval((1.0, 1.1, 0.9)).seeds_to_resolve() == 2
+    assert PairedInterval((0.1, -0.1)).seeds_to_resolve() is None  # mean 0: never
+    assert PairedInterval((5.0,)).seeds_to_resolve() is None
+
+
 def test_t_quantiles_match_scipy():
     stats = pytest.importorskip("scipy.stats", reason="scipy is not installed (optional here)")
     from cmpagl.report import _T975

@@ -554,6 +554,17 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     # full − a: (5, 4.5, 4) -> +4.50; SMR − none: (1, 1.2, 0.8) -> [+0.50, +1.50]
     assert "| full (none) − a (none) | +4.50 [" in rows[0] and rows[0].count("| 3 |") == 1
     assert "| +1.00 [+0.50, +1.50] | 3 | supported |" in rows[3]
+    # an unresolved row says how many seeds its mean and spread would need (c − full):
+    # none (+1, −2): mean −0.5, sd 2.12, beyond 30 seeds; smr (0, −3.2): mean −1.6, sd 2.26,
+    # 2.228 · 2.26 / √11 = 1.52 < 1.6 first at 11 seeds (10: 2.262 · 2.26 / √10 = 1.62)
+    from cmpagl.study import findings
+
+    (none,) = [s for s in findings(report, {"c": "without c"}) if s.startswith("without c")]
+    assert none.endswith(
+        "(the interval holds 0); at this mean and spread not even 30 seeds would resolve it."
+    )
+    (smr,) = [s for s in findings(report, {"c": "without c"}, "smr") if s.startswith("without c")]
+    assert smr.endswith("at this mean and spread about 11 seeds would resolve it.")
     compute = compute_markdown(report).splitlines()
     assert "| full | 3 | 1.50 | 8.00 | cpu |" in compute
     assert compute[-1] == "| **total** | 11 of 12 | 5.50 | | |"
