@@ -311,6 +311,11 @@ _T975 = (
 )  # fmt: skip
 
 
+def _t975(df: int) -> float:
+    """Student's t 0.975 quantile for ``df`` degrees of freedom (the normal's beyond the table)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
 @dataclass(frozen=True)
 class PairedInterval:
     """The mean of per-seed differences with its 95 % confidence interval (t over seeds):
@@ -330,8 +335,7 @@ class PairedInterval:
     def half_width(self) -> float | None:
         if self.n < 2:
             return None
-        t = _T975[self.n - 2] if self.n - 1 <= len(_T975) else 1.960
-        return t * statistics.stdev(self.differences) / self.n**0.5
+        return _t975(self.n - 1) * statistics.stdev(self.differences) / self.n**0.5
 
     @property
     def resolved(self) -> bool:
@@ -359,11 +363,7 @@ class PairedInterval:
         if self.n < 2:
             return None
         sd, mean = statistics.stdev(self.differences), abs(self.mean)
-        for n in range(2, limit + 1):
-            t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
-            if t * sd / n**0.5 < mean:
-                return n
-        return None
+        return next((n for n in range(2, limit + 1) if _t975(n - 1) * sd / n**0.5 < mean), None)
 
     def verdict(self) -> str:
         if self.half_width is None:

@@ -142,13 +142,13 @@ def findings(
                 f"({reranker}); no interval yet."
             )
             continue
-        plan = ""
+        plan, limit = "", 30
         if not iv.resolved:
-            need = iv.seeds_to_resolve()
+            need = iv.seeds_to_resolve(limit)
             plan = (
                 f"; at this mean and spread about {need} seeds would resolve it"
                 if need
-                else "; at this mean and spread not even 30 seeds would resolve it"
+                else f"; at this mean and spread not even {limit} seeds would resolve it"
             )
         out.append(
             f"{what}: {iv.describe()} mR against {report.spec.reference} over {iv.n} "
