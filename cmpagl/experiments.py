@@ -935,8 +935,12 @@ def paired_markdown(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
-def write_tables(report: SweepReport) -> None:
-    """``runs.csv`` and ``table.md`` in the sweep's results folder (atomically)."""
+def write_tables(report: SweepReport) -> bool:
+    """``runs.csv``, ``table.md`` and (test sweeps) ``paired.md`` in the sweep's results folder,
+    atomically; False, writing nothing, where no run has a record yet (an empty table would only
+    hide that the sweep has not started)."""
+    if all(rec is None for rec in report.records):
+        return False
     rows = csv_rows(report)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -946,6 +950,7 @@ def write_tables(report: SweepReport) -> None:
     atomic_write_text(report.spec.results / "table.md", table_markdown(report) + "\n")
     if report.spec.split == "test":
         atomic_write_text(report.spec.results / "paired.md", paired_markdown(report) + "\n")
+    return True
 
 
 def summary_text(report: SweepReport) -> str:
@@ -1041,7 +1046,13 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(plan_text(report))
             continue
         if args.table:
-            write_tables(report)
+            if not write_tables(report):
+                print(
+                    f"sweep {spec.name}: no records yet in {portable_path(spec.results)}; no"
+                    f" table written (run: cmpagl sweep {portable_path(spec.path)})",
+                    flush=True,
+                )
+                continue
             print(summary_text(report), flush=True)
             if spec.split == "test":
                 print(paired_markdown(report), flush=True)

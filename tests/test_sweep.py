@@ -441,6 +441,9 @@ def test_table_regenerates_paired_intervals_from_the_records(tmp_path, capsys):
         "variants:\n  worse: [loss.w_tri=0]\n  full: []\n"
     )
     spec = load_spec(spec_path)
+    assert main([str(spec_path), "--table"]) == 0  # no records yet: says so, writes nothing
+    assert "study: no records yet in" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
     mr = {  # (variant, seed) -> (none, smr)
         ("full", 0): (20.0, 21.0), ("full", 1): (22.0, 23.2), ("full", 2): (18.0, 18.8),
         ("worse", 0): (15.0, 16.0), ("worse", 1): (17.5, 18.0),
