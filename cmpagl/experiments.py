@@ -6,6 +6,7 @@ notebook (``notebooks/05_train.ipynb``) by papermill, resumable across sessions 
     cmpagl sweep SPEC.yaml --table                         # the tables again, from the records
     cmpagl sweep SPEC.yaml --seeds 1 --only cmpagl         # a part (another machine, say)
     cmpagl sweep SPEC.yaml --commit                        # git-commit each run's record
+    OMP_NUM_THREADS=1 cmpagl sweep SPEC.yaml &             # twice: two runners share the runs
     cmpagl sweep SPEC.yaml -p rerankers '[none, smr]'      # a notebook parameter for every run
 
 A spec (relative paths are read from the repository root)::
@@ -57,11 +58,19 @@ The book reads a finished (or unfinished) study back with :mod:`cmpagl.study`.
 ``--commit`` commits the sweep's results folder to git after every run (that folder only,
 whatever else is staged or changed), so that a machine lost half-way through a long sweep loses
 at most the run in progress.
+
+Several runners on one sweep: a runner claims a run before it executes it (a lock file in the
+run's folder, :data:`CLAIM_FILE`, held for the run's whole execution and dropped by the kernel
+when the runner dies), and passes over runs claimed by another runner, or where another process
+trains by hand. So ``cmpagl sweep SPEC`` started N times on one machine runs N runs at a time,
+each exactly once; give each runner its share of the cores (``OMP_NUM_THREADS``). Before each run
+a runner reads every record again, so its tables include the other runners' runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import io
@@ -70,13 +79,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cmpagl.config import ConfigError, _read_yaml_mapping, _yaml_load, from_dict
 from cmpagl.fileio import atomic_write_text
+from cmpagl.lock import RunFolderInUse, read_lock, run_lock
 from cmpagl.report import KEYS, mean_sd
 from cmpagl.runs import RESULT_FILE, portable_path, resolve_path
 
@@ -638,7 +648,8 @@ def run_sweep(
     commit: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> SweepReport:
-    """Run every (variant, seed) of ``spec`` that has no ``ok`` record; write the table.
+    """Run every (variant, seed) of ``spec`` that has no ``ok`` record and that no other
+    process holds (another runner of this sweep, a training by hand); write the tables.
 
     Args:
         extra: notebook parameters for every run, over the spec's (the command line's ``-p``).
@@ -689,22 +700,91 @@ def run_sweep(
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
     )
     log = log or bar.write
+    retry = {i for i in todo if records[i] is not None}  # failed before this call: once more
+    tried: set[int] = set()  # done by this call (a run failed now waits for the next call)
+    passed: set[int] = set()  # held elsewhere when this call came to them (said once each)
     try:
-        for n, i in enumerate(todo):
-            left = time_left(report, todo[n:])
-            bar.set_postfix_str(
-                runs[i].label + ("" if left is None else f"; ≈ {_duration(left)} left")
-            )
-            records[i] = _attempt(spec, runs[i], params[runs[i]], log)
-            report.executed += 1
+        while True:
+            for j in selected:  # other runners' records too, for the tables and the count
+                if j not in tried:
+                    records[j] = _current(read_record(runs[j]), params[runs[j]])
+            bar.n = sum(_status(records[j]) == "ok" for j in selected)
+            bar.refresh()
+            todo = [
+                i
+                for i in selected
+                if i not in tried
+                and (records[i] is None or (_status(records[i]) != "ok" and i in retry))
+            ]
+            done = None
+            for i in todo:
+                with _claim(runs[i]) as holder:
+                    if holder:
+                        retry.discard(i)  # its holder tries it: a failure is not retried here
+                        if i not in passed:
+                            passed.add(i)
+                            log(f"passed {runs[i].label}: held by {holder}")
+                        continue
+                    # finished by another runner between the read above and the claim?
+                    records[i] = _current(read_record(runs[i]), params[runs[i]])
+                    if _status(records[i]) != "ok":
+                        left = _left_text(time_left(report, todo), _other_runners(runs, todo))
+                        bar.set_postfix_str(runs[i].label + left)
+                        records[i] = _attempt(spec, runs[i], params[runs[i]], log)
+                        report.executed += 1
+                done = i
+                break
+            if done is None:  # nothing left, or everything left is held elsewhere
+                break
+            tried.add(done)
             write_tables(report)  # after every run: an interrupted sweep keeps its table
             if commit:
-                commit_results(spec, f"{runs[i].label}: {_status(records[i])}", log)
-            bar.update(1)
+                commit_results(spec, f"{runs[done].label}: {_status(records[done])}", log)
     finally:
         bar.close()
+    elsewhere = [runs[i].label for i in sorted(passed) if _status(records[i]) == "pending"]
+    if elsewhere:
+        log(f"still held elsewhere, not run by this call: {', '.join(elsewhere)}")
     write_tables(report)
     return report
+
+
+#: The lock file in a run's folder by which a sweep runner claims that run while executing it.
+CLAIM_FILE = ".cmpagl-sweep.lock"
+
+
+@contextlib.contextmanager
+def _claim(run: Run) -> Iterator[str]:
+    """Hold ``run``'s claim for the block and yield ``""``; or, where another process holds the
+    run, yield who: another sweep runner (its claim) or a training started by hand in that
+    folder (the training lock of :mod:`cmpagl.lock`)."""
+    trainer = read_lock(run.run_dir)
+    if trainer is not None and trainer.alive():
+        yield f"a training in its folder ({trainer.describe()})"
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(run.run_dir, name=CLAIM_FILE))
+        except RunFolderInUse:
+            owner = read_lock(run.run_dir, CLAIM_FILE)
+            yield "another sweep runner" + (f" ({owner.describe()})" if owner else "")
+            return
+        yield ""
+
+
+def _other_runners(runs: Sequence[Run], todo: Sequence[int]) -> int:
+    """How many other live processes hold a claim on one of the runs ``todo``."""
+    owners = {read_lock(runs[i].run_dir, CLAIM_FILE) for i in todo}
+    return sum(1 for o in owners if o is not None and o.alive() and not o.is_this_process())
+
+
+def _left_text(left: float | None, others: int) -> str:
+    """``; ≈ 1 h 05 min left`` (shared between the runners where there are others)."""
+    if left is None:
+        return ""
+    if not others:
+        return f"; ≈ {_duration(left)} left"
+    return f"; ≈ {_duration(left / (others + 1))} left with {others + 1} runners"
 
 
 def _whole_run_s(record: Mapping[str, Any]) -> float:
@@ -734,40 +814,56 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
+_GIT_TRIES = 5  # commit_results' tries while another git process holds the index
+
+
 def commit_results(spec: SweepSpec, what: str, log: Callable[[str], None] = print) -> bool:
     """``git add`` and ``git commit`` the sweep's results folder, and nothing else.
 
     The commit names the sweep and ``what`` (e.g. ``"cmpagl seed 1: ok"``). Other changes in
     the working tree and the index are left as they are. Where the folder is not in a git
-    repository, nothing changed, or git fails (another git process holding the index, say), one
-    line says so and the sweep goes on: the next run's commit includes this run's files.
+    repository, nothing changed, or git fails, one line says so and the sweep goes on: the next
+    run's commit includes this run's files. Where another git process holds the index (a second
+    runner committing its run), it waits a moment and tries again, up to five times.
 
     Returns:
         Whether a commit was made.
     """
     folder = spec.results
     message = f"Sweep {spec.name}: {what}"
-    try:
-        subprocess.run(
-            ["git", "add", "--", "."], cwd=folder, check=True, capture_output=True, text=True
-        )
-        staged = subprocess.run(
-            ["git", "diff", "--cached", "--quiet", "--", "."], cwd=folder, capture_output=True
-        )
-        if staged.returncode == 0:
-            log(f"commit: nothing new in {portable_path(folder)}")
+    for attempt in range(_GIT_TRIES):
+        try:
+            return _commit_folder(folder, message, log)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+            held = [line for line in detail if "index.lock" in line]
+            if held and attempt + 1 < _GIT_TRIES:  # another git process holds the index: wait
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            why = (held or detail or [str(err)])[-1]  # git's last line says only "remove it"
+            log(f"commit skipped ({portable_path(folder)}): {why}")
             return False
-        subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", "."],
-            cwd=folder,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
-        log(f"commit skipped ({portable_path(folder)}): {detail[-1] if detail else err}")
+    return False
+
+
+def _commit_folder(folder: Path, message: str, log: Callable[[str], None]) -> bool:
+    """One try of :func:`commit_results` (git's errors raised)."""
+    subprocess.run(
+        ["git", "add", "--", "."], cwd=folder, check=True, capture_output=True, text=True
+    )
+    staged = subprocess.run(
+        ["git", "diff", "--cached", "--quiet", "--", "."], cwd=folder, capture_output=True
+    )
+    if staged.returncode == 0:
+        log(f"commit: nothing new in {portable_path(folder)}")
         return False
+    subprocess.run(
+        ["git", "commit", "-q", "-m", message, "--", "."],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     log(f"committed {portable_path(folder)}: {message}")
     return True
 

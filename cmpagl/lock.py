@@ -85,10 +85,11 @@ class LockOwner:
         return True
 
 
-def read_lock(folder: str | os.PathLike[str]) -> LockOwner | None:
-    """The owner named by ``folder``'s lock file; None without one (or while it is written)."""
+def read_lock(folder: str | os.PathLike[str], name: str = LOCK_FILE) -> LockOwner | None:
+    """The owner named by ``folder``'s lock file ``name``; None without one (or while it is
+    written)."""
     try:
-        text = (Path(folder) / LOCK_FILE).read_text(encoding="utf-8")
+        text = (Path(folder) / name).read_text(encoding="utf-8")
         data = json.loads(text)
         return LockOwner(
             int(data["pid"]), str(data["host"]), str(data["started"]), str(data.get("command", ""))
@@ -120,8 +121,8 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _busy(folder: Path, owner: LockOwner | None) -> RunFolderInUse:
-    path = folder / LOCK_FILE
+def _busy(folder: Path, owner: LockOwner | None, name: str) -> RunFolderInUse:
+    path = folder / name
     if owner is None:
         who = "another process (starting up)"
     elif not owner.on_this_host():
@@ -145,10 +146,10 @@ def _note(text: str) -> None:
     print(f"cmpagl: {text}", file=sys.stderr, flush=True)
 
 
-def _take(fd: int, folder: Path, previous: LockOwner | None) -> None:
+def _take(fd: int, path: Path, previous: LockOwner | None) -> None:
     """Write this process into the lock file (after a note if it takes over a stale one)."""
     if previous is not None:
-        _note(f"taking over {folder / LOCK_FILE} left by {previous.describe()}, which has ended")
+        _note(f"taking over {path} left by {previous.describe()}, which has ended")
     owner = LockOwner.this_process()
     data = json.dumps(dataclasses.asdict(owner)) + "\n"
     os.ftruncate(fd, 0)
@@ -156,13 +157,13 @@ def _take(fd: int, folder: Path, previous: LockOwner | None) -> None:
     os.fsync(fd)
 
 
-def _acquire(folder: Path, wait_s: float) -> int | None:
+def _acquire(folder: Path, wait_s: float, name: str) -> int | None:
     """The locked file's descriptor, or None when this process holds the lock already.
 
     Raises:
         RunFolderInUse: another process holds it after ``wait_s`` seconds.
     """
-    path = folder / LOCK_FILE
+    path = folder / name
     start = time.monotonic()
     while True:
         folder.mkdir(parents=True, exist_ok=True)
@@ -171,14 +172,14 @@ def _acquire(folder: Path, wait_s: float) -> int | None:
         if taken and not _same_file(fd, path):  # released and removed while we opened it
             os.close(fd)
             continue
-        owner = read_lock(folder)
+        owner = read_lock(folder, name)
         if taken is None:  # no flock on this file system: the content is all there is
             taken = owner is None or (owner.on_this_host() and not owner.alive())
         if taken and owner is not None and not owner.on_this_host():
             os.close(fd)  # network file systems do not always share flocks between hosts
-            raise _busy(folder, owner)
+            raise _busy(folder, owner, name)
         if taken:
-            _take(fd, folder, owner)
+            _take(fd, path, owner)
             return fd
         os.close(fd)
         if owner is not None and owner.is_this_process():
@@ -190,12 +191,11 @@ def _acquire(folder: Path, wait_s: float) -> int | None:
         else:
             limit = wait_s
         if time.monotonic() - start >= limit:
-            raise _busy(folder, owner)
+            raise _busy(folder, owner, name)
         time.sleep(0.2)
 
 
-def _release(folder: Path, fd: int) -> None:
-    path = folder / LOCK_FILE
+def _release(path: Path, fd: int) -> None:
     try:
         if _same_file(fd, path):
             os.unlink(path)  # while still locked: no one can take the file being removed
@@ -206,13 +206,17 @@ def _release(folder: Path, fd: int) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike[str], wait_s: float = 0.0) -> Iterator[None]:
+def run_lock(
+    folder: str | os.PathLike[str], wait_s: float = 0.0, name: str = LOCK_FILE
+) -> Iterator[None]:
     """Hold ``folder``'s training lock for the ``with`` block (the folder is created if needed,
     and removed again if it is still empty at the end).
 
     Args:
         folder: the run folder (``cfg.output_dir``).
         wait_s: how long to wait for another holder to finish before giving up.
+        name: the lock file's name in ``folder``: the training lock by default; a sweep runner
+            claims a run with another (:data:`cmpagl.experiments.CLAIM_FILE`).
 
     Raises:
         RunFolderInUse: another live process holds the lock, or a process on another host
@@ -220,14 +224,14 @@ def run_lock(folder: str | os.PathLike[str], wait_s: float = 0.0) -> Iterator[No
     """
     folder = Path(folder)
     created = not folder.exists()
-    fd = _acquire(folder, wait_s)
+    fd = _acquire(folder, wait_s, name)
     if fd is None:  # held by this very process further up the stack
         yield
         return
     try:
         yield
     finally:
-        _release(folder, fd)
+        _release(folder / name, fd)
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: nothing was written

@@ -225,7 +225,8 @@ def claims_markdown(report: SweepReport, claims: Sequence[Claim]) -> str:
 def compute_markdown(report: SweepReport) -> str:
     """A Markdown table of the compute the finished runs took, per variant and in total:
     training wall-clock hours (summed over a run's attempts, as its training log counts them),
-    mean training samples/s, and the devices they ran on."""
+    mean training samples/s, and the devices they ran on (with the torch threads a run had,
+    where its record says: runners side by side share the cores)."""
     per: dict[str, dict[str, Any]] = {}
     for run, rec in report.finished():
         row = per.setdefault(run.variant.name, {"runs": 0, "s": 0.0, "rates": [], "dev": set()})
@@ -234,14 +235,16 @@ def compute_markdown(report: SweepReport) -> str:
         row["s"] += float(training.get("wall_time_s") or 0.0)
         if training.get("samples_per_s"):
             row["rates"].append(float(training["samples_per_s"]))
-        row["dev"].add(str(rec.get("device", "?")))
+        threads = (rec.get("hardware") or {}).get("torch_threads")
+        device = str(rec.get("device", "?"))
+        row["dev"].add(f"{device}, {threads} thread{'s' * (threads != 1)}" if threads else device)
     lines = [
         "| variant | finished runs | training hours | samples/s (mean) | device |",
         "|---|---|---|---|---|",
     ]
     for name, row in per.items():
         rate = f"{sum(row['rates']) / len(row['rates']):.2f}" if row["rates"] else "–"
-        dev = ", ".join(sorted(row["dev"]))
+        dev = "; ".join(sorted(row["dev"]))
         lines.append(f"| {name} | {row['runs']} | {row['s'] / 3600:.2f} | {rate} | {dev} |")
     runs, hours = sum(r["runs"] for r in per.values()), sum(r["s"] for r in per.values()) / 3600
     lines.append(f"| **total** | {runs} of {len(report.runs)} | {hours:.2f} | | |")

@@ -1,6 +1,7 @@
 """The sweep runner (cmpagl.experiments): spec checking, notebook parameter checking, and on a
 tiny sweep (2 variants x 2 seeds, a few steps each) the skip / resume / retry / report logic,
-including a runner process killed with SIGKILL in the middle of a run."""
+including a runner process killed with SIGKILL in the middle of a run, and two runners sharing
+one sweep."""
 
 from __future__ import annotations
 
@@ -282,6 +283,106 @@ def test_sweep_resumes_a_killed_run_and_skips_finished_ones(repo_root, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in spec.results.rglob("*.json")} == stamps
 
 
+def _hold(folder: Path, name: str) -> subprocess.Popen:
+    """A child process holding ``folder``'s lock file ``name`` (until killed)."""
+    code = (
+        "import sys, time\nfrom cmpagl.lock import run_lock\n"
+        "with run_lock(sys.argv[1], name=sys.argv[2]):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder), name], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_held_by_another_process_is_passed_over(tmp_path, capsys):
+    """A second runner, or a training started by hand in a run's folder, holds that run: the
+    runner passes over it (one line naming the holder) instead of executing it a second time,
+    and runs it once the holder is gone."""
+    from cmpagl.experiments import CLAIM_FILE
+    from cmpagl.lock import LOCK_FILE
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n"
+    )
+    runs = load_spec(spec_path).runs()
+    record = {"status": "ok", "split": "test", "overrides": [], "test": {"none": {"r_mean": 1}}}
+    runs[0].record_path.parent.mkdir(parents=True)
+    runs[0].record_path.write_text(json.dumps(record | {"training": {"best_val_r_mean": 1}}))
+    holders = [_hold(runs[1].run_dir, CLAIM_FILE), _hold(runs[2].run_dir, LOCK_FILE)]
+    try:
+        lines: list[str] = []
+        report = run_sweep(load_spec(spec_path), log=lines.append)
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+    assert report.executed == 0 and [r.label for r in report.with_status("pending")] == [
+        "full seed 1",
+        "full seed 2",
+    ]
+    pids = [proc.pid for proc in holders]
+    assert lines[0].startswith(f"passed full seed 1: held by another sweep runner (pid {pids[0]}")
+    assert lines[1].startswith(
+        f"passed full seed 2: held by a training in its folder (pid {pids[1]}"
+    )
+    assert lines[2] == "still held elsewhere, not run by this call: full seed 1, full seed 2"
+    assert "| full | 1/3 |" in (tmp_path / "results" / "study" / "table.md").read_text()
+    # the holders are gone: a dry run lists both as to do, and a runner would take them
+    plan = run_sweep(load_spec(spec_path), dry_run=True)
+    assert [r.label for r in plan.with_status("pending")] == ["full seed 1", "full seed 2"]
+    from cmpagl.experiments import _claim
+
+    with _claim(runs[1]) as holder:
+        assert holder == ""
+
+
+@pytest.mark.slow
+def test_two_runners_share_a_sweep_and_run_each_run_once(repo_root, tmp_path, small_synthetic):
+    """``cmpagl sweep SPEC`` started twice at once: each run is executed by exactly one of them,
+    both work, and the table written last has all four runs."""
+    spec_path = write_spec(tmp_path, small_synthetic, {"full": [], "no_tri": ["loss.w_tri=0"]})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cmpagl.experiments", str(spec_path)],
+            cwd=repo_root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    executed = [
+        sorted(line.split(":")[0][7:] for line in out.splitlines() if line.startswith("ok     "))
+        for out in outs
+    ]
+    assert all(executed), outs  # both runners executed runs
+    labels = ["full seed 0", "full seed 1", "no_tri seed 0", "no_tri seed 1"]
+    assert sorted(executed[0] + executed[1]) == labels, outs  # each run exactly once
+    spec = load_spec(spec_path)
+    for run in spec.runs():
+        record = json.loads(run.record_path.read_text())
+        assert record["status"] == "ok" and record["attempts"] == 1, run.label
+        assert record["training"]["action"] == "trained", run.label
+        assert record["hardware"]["torch_threads"] == 1
+        assert not (run.run_dir / ".cmpagl-sweep.lock").exists()  # claims released
+    rows = read_csv(spec.results / "runs.csv")
+    assert sorted((r["variant"], r["seed"], r["status"]) for r in rows) == [
+        ("full", "0", "ok"),
+        ("full", "1", "ok"),
+        ("no_tri", "0", "ok"),
+        ("no_tri", "1", "ok"),
+    ]
+
+
 @pytest.mark.slow
 def test_a_failing_variant_is_retried_once_and_reported(tmp_path, small_synthetic, capsys):
     spec_path = write_spec(
@@ -536,6 +637,8 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
                 "training": {"best_val_r_mean": none, "wall_time_s": 1800.0, "samples_per_s": 8},
                 "test": {"none": {"r_mean": none}, "smr": {"r_mean": smr}},
             }
+            if run.variant.name == "a":  # two runners side by side, one core each
+                record["hardware"] = {"torch_threads": 1 + (run.seed == 2)}
             run.record_path.write_text(json.dumps(record))
     report = load_report(spec_path)
     claims = [
@@ -570,6 +673,7 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     assert smr.endswith("at this mean and spread about 11 seeds would resolve it.")
     compute = compute_markdown(report).splitlines()
     assert "| full | 3 | 1.50 | 8.00 | cpu |" in compute
+    assert "| a | 3 | 1.50 | 8.00 | cpu, 1 thread; cpu, 2 threads |" in compute
     assert compute[-1] == "| **total** | 11 of 12 | 5.50 | | |"
     from cmpagl.report import PairedInterval
     from cmpagl.study import claim_verdict
@@ -799,6 +903,21 @@ def test_commit_results_commits_the_results_folder_only(tmp_path):
     assert "draft.txt" in git("status", "--porcelain")
     assert not commit_results(spec, "m seed 0: ok", lines.append)  # nothing new
     assert lines[-1].startswith("commit: nothing new")
+
+    # another git process (a second runner committing) holds the index for a moment: wait
+    import threading
+
+    lock = tmp_path / ".git" / "index.lock"
+    lock.write_text("")
+    threading.Timer(0.8, lock.unlink).start()
+    _write_val_records(spec, {("m", 1): 4.0})
+    assert commit_results(spec, "m seed 1: ok", lines.append), lines[-1]
+    assert git("log", "-1", "--format=%s").strip() == f"Sweep {spec.name}: m seed 1: ok"
+    lock.write_text("")  # held for good: after five tries, one line and the sweep goes on
+    _write_val_records(spec, {("m", 2): 3.0})
+    assert not commit_results(spec, "m seed 2: ok", lines.append)
+    assert lines[-1].startswith("commit skipped") and "index.lock" in lines[-1]
+    lock.unlink()
 
 
 def test_a_setting_sweep_reads_each_runs_value_from_its_resolved_config(tmp_path):
