@@ -324,7 +324,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             hits = search_by_image(model, emb, image, args.top)
             print(f"captions of the {args.split} split for image {image_path}")
         for rank, hit in enumerate(hits, 1):
-            print(f"{rank:>3}. {hit.score:+.4f}  {hit.label}")
+            print(f"{rank:>3}. {hit.score:+.4f}  {describe_hit(ds, hit, text is not None)}")
         return hits
 
     if args.interactive:
@@ -336,6 +336,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         path = save_gallery(args.text or "", hits, ds, args.gallery, query_image=args.image)
         print(f"gallery: {path}")
     return 0
+
+
+def describe_hit(ds, hit, image: bool) -> str:
+    """One result line after the score, enough to judge it without opening a file: an image's
+    file name, its class where the dataset has classes, and its first caption; a caption's text
+    and the image it belongs to (with its class)."""
+    if image:
+        kind = f" [{ds.labels[hit.index]}]" if ds.labels else ""
+        return f"{hit.label}{kind}  {ds.captions[hit.index][0]!r}"
+    owner = int(ds.txt2img[hit.index])
+    kind = f"[{ds.labels[owner]}] " if ds.labels else ""
+    return f"{hit.label!r}  ({kind}{ds.filenames[owner]})"
 
 
 # What a line that names a missing file probably meant to be (an image query).

@@ -98,9 +98,26 @@ def test_train_evaluate_retrieve(
     assert lines[0].startswith("split embeddings computed and cached in")
     assert [line.split(".")[0].strip() for line in lines[2:5]] == ["1", "2", "3"]
     assert gallery.stat().st_size > 1000
+    # each image line names the file, its class and its first caption: enough to judge it
+    from cmpagl.checkpoint import load_checkpoint
+    from cmpagl.data.build import dataset_from_config
+
+    ds = dataset_from_config(load_checkpoint(run, prefer="best")[1].data).split("test")
+    assert ds.labels
+    for line in lines[2:5]:
+        i = ds.filenames.index(line.split()[2])
+        assert line.endswith(f"  {ds.filenames[i]} [{ds.labels[i]}]  {ds.captions[i][0]!r}")
     image = small_synthetic / "images" / "00000.png"
     assert main(["retrieve", "--checkpoint", str(run), "--image", str(image), "--top", "2"]) == 0
-    assert "captions of the test split" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert "captions of the test split" in lines[1]
+    owners: dict[str, set[str]] = {}  # a caption text -> the images it describes
+    for j, c in enumerate(ds.all_captions):
+        i = ds.txt2img[j]
+        owners.setdefault(c, set()).add(f"([{ds.labels[i]}] {ds.filenames[i]})")
+    for line in lines[2:4]:  # a caption, and the image (with its class) it describes
+        text, owner = line.split("  ", 2)[-1].rsplit("  ", 1)
+        assert owner in owners[text[1:-1]], line
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
