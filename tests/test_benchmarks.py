@@ -123,3 +123,22 @@ def test_train_scaling_runs_one_process_per_batch_size(tiny_data, tmp_path):  # 
         assert r["samples_per_s"] == r["batch_size"] / r["median_step_s"]
         assert r["peak_rss_mib"] > 100 and r["timed_steps"] == 1
     assert set(row["rss_mib_fit"]) == {"fixed", "per_sample"} and row["hardware"]["cpu_count"]
+
+
+def test_runner_scaling_starts_the_runners_side_by_side(tiny_data, tmp_path):  # noqa: F811
+    """Each layout NxT runs N train_throughput.py processes at once with T threads each; the
+    total is the sum of their steady rates, compared with the first layout."""
+    config = save_config(tiny_config(tiny_data, tmp_path / "unused"), tmp_path / "tiny.yaml")
+    out = tmp_path / "runners.json"
+    args = ["--config", str(config), "--layouts", "1x1", "2x1", "--steps", "4", "--skip", "0"]
+    proc = run_script(BENCH / "runner_scaling.py", [*args, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runners"], r["threads_each"]) for r in rows] == [(1, 1), (2, 1)]
+    assert [len(r["samples_per_s_each"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert r["total_samples_per_s"] == sum(r["samples_per_s_each"]) > 0
+    assert rows[0]["vs_first"] == 1.0
+    assert rows[1]["vs_first"] == rows[1]["total_samples_per_s"] / rows[0]["total_samples_per_s"]
+    bad = run_script(BENCH / "runner_scaling.py", ["--layouts", "2by1"])
+    assert bad.returncode == 2 and "a layout is RUNNERSxTHREADS" in bad.stderr
