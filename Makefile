@@ -107,7 +107,8 @@ ablations: data
 ## bench: the benchmarks, each writing its record (machine, commit, date) to results/bench/:
 ## SMR and GaLR against their dense references side by side, evaluation time against test-set
 ## size with each stage's cost model fitted, training samples/s and peak memory against batch
-## size (tiny config), one Gswin block against timm's Swin block. 132 s on 2 idle cores.
+## size (tiny config), one Gswin block against timm's Swin block, sweep runners side by side
+## (1 with 2 threads, 1 with 1, 2 with 1 each). 132 s on 2 idle cores, and 4 min for the runners.
 BENCH := results/bench
 # torch's profiler (kineto) logs a spurious "gpuGetDeviceCount failed" ERROR and USDT start/stop
 # lines on a machine without a GPU; level 6 keeps them out (make bench KINETO_LOG_LEVEL=0: all).
@@ -119,6 +120,8 @@ bench: setup
 	$(PY) benchmarks/train_scaling.py --config configs/synthetic_tiny.yaml \
 		--out $(BENCH)/train_scaling_tiny_cpu.json && \
 	$(PY) benchmarks/gswin_block.py --repeats 5 --threads 1 --out $(BENCH)/gswin_block_cpu.json && \
+	$(PY) benchmarks/runner_scaling.py --config configs/synthetic_tiny.yaml \
+		--out $(BENCH)/runner_scaling_tiny_cpu.json && \
 	echo "bench: $$(( $$(date +%s) - start )) s; records in $(BENCH)/"
 
 ## lab: open the notebooks in JupyterLab
