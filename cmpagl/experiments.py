@@ -1069,8 +1069,6 @@ def summary_text(report: SweepReport) -> str:
 
 def plan_text(report: SweepReport) -> str:
     """``--dry-run``: every run with its state."""
-    from cmpagl.lock import read_lock
-
     lines = [f"sweep {report.spec.name} ({report.spec.path}): {len(report.runs)} runs"]
     if report.tuning_pending:
         lines.append(f"  tuned settings not known yet: {report.tuning_pending}")
@@ -1078,13 +1076,18 @@ def plan_text(report: SweepReport) -> str:
     todo = [i for i, rec in enumerate(report.records) if _status(rec) != "ok"]
     left = time_left(report, todo)
     if todo and left is not None:
+        others = _other_runners(report.runs, todo)
+        share = f" shared by {others + 1} runners" if others else ""
         lines.append(
-            f"  {len(todo)} runs to go, ≈ {_duration(left)} (each run as long as its variant's"
-            " latest finished run)"
+            f"  {len(todo)} runs to go, ≈ {_duration(left / (others + 1))}{share} (each run as"
+            " long as its variant's latest finished run)"
         )
     for run, rec in zip(report.runs, report.records, strict=True):
         status = _status(rec)
-        if status == "pending" and (run.run_dir / "last").is_dir():
+        claim = read_lock(run.run_dir, CLAIM_FILE) if status == "pending" else None
+        if claim is not None and claim.alive():
+            status = f"running in a sweep runner ({claim.describe()})"
+        elif status == "pending" and (run.run_dir / "last").is_dir():
             owner = read_lock(run.run_dir)
             status = (
                 f"training now ({owner.describe()})"

@@ -845,10 +845,10 @@ def test_the_plan_tells_a_run_training_now_from_one_left_half_way(tmp_path, caps
 
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(
-        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nresults: {tmp_path / 'results'}\n"
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1, 2]\nresults: {tmp_path / 'results'}\n"
         f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n"
     )
-    first, second = load_spec(spec_path).runs()
+    first, second, third = load_spec(spec_path).runs()
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
@@ -859,10 +859,18 @@ def test_the_plan_tells_a_run_training_now_from_one_left_half_way(tmp_path, caps
         (run.run_dir / "last").mkdir(parents=True)
         owner = {"pid": pid, "host": socket.gethostname(), "started": "2026-12-01 02:00:00 +0000"}
         (run.run_dir / LOCK_FILE).write_text(json.dumps(owner))
-    main([str(spec_path), "--dry-run"])
+    from cmpagl.experiments import CLAIM_FILE
+
+    runner = _hold(third.run_dir, CLAIM_FILE)  # another sweep runner has it, just started
+    try:
+        main([str(spec_path), "--dry-run"])
+    finally:
+        runner.kill()
+        runner.wait()
     out = capsys.readouterr().out
     assert f"full seed 0                  training now (pid {os.getpid()} on host" in out
     assert "full seed 1                  started, not finished (resumes from its checkpoint)" in out
+    assert f"full seed 2                  running in a sweep runner (pid {runner.pid} on" in out
 
 
 def test_commit_results_commits_the_results_folder_only(tmp_path):
