@@ -21,15 +21,16 @@ from cmpagl.lock import LOCK_FILE, RunFolderInUse, read_lock, run_lock
 HOLD = """
 import sys
 from cmpagl.lock import run_lock
-with run_lock(sys.argv[1]):
+with run_lock(sys.argv[1], name=sys.argv[2]):
     print("locked", flush=True)
     sys.stdin.read()
 """
 
 
-def hold(folder: Path) -> subprocess.Popen:
+def hold(folder: Path, name: str = LOCK_FILE) -> subprocess.Popen:
+    """A child process holding ``folder``'s lock file ``name`` until its stdin closes."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)],
+        [sys.executable, "-c", HOLD, str(folder), name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_lock import hold
 from test_train_notebook import tiny_overrides
 
 from cmpagl.config import ConfigError
@@ -283,20 +284,6 @@ def test_sweep_resumes_a_killed_run_and_skips_finished_ones(repo_root, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in spec.results.rglob("*.json")} == stamps
 
 
-def _hold(folder: Path, name: str) -> subprocess.Popen:
-    """A child process holding ``folder``'s lock file ``name`` (until killed)."""
-    code = (
-        "import sys, time\nfrom cmpagl.lock import run_lock\n"
-        "with run_lock(sys.argv[1], name=sys.argv[2]):\n"
-        "    print('held', flush=True)\n    time.sleep(120)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder), name], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_a_run_held_by_another_process_is_passed_over(tmp_path, capsys):
     """A second runner, or a training started by hand in a run's folder, holds that run: the
     runner passes over it (one line naming the holder) instead of executing it a second time,
@@ -313,7 +300,7 @@ def test_a_run_held_by_another_process_is_passed_over(tmp_path, capsys):
     record = {"status": "ok", "split": "test", "overrides": [], "test": {"none": {"r_mean": 1}}}
     runs[0].record_path.parent.mkdir(parents=True)
     runs[0].record_path.write_text(json.dumps(record | {"training": {"best_val_r_mean": 1}}))
-    holders = [_hold(runs[1].run_dir, CLAIM_FILE), _hold(runs[2].run_dir, LOCK_FILE)]
+    holders = [hold(runs[1].run_dir, CLAIM_FILE), hold(runs[2].run_dir, LOCK_FILE)]
     try:
         lines: list[str] = []
         report = run_sweep(load_spec(spec_path), log=lines.append)
@@ -861,7 +848,7 @@ def test_the_plan_tells_a_run_training_now_from_one_left_half_way(tmp_path, caps
         (run.run_dir / LOCK_FILE).write_text(json.dumps(owner))
     from cmpagl.experiments import CLAIM_FILE
 
-    runner = _hold(third.run_dir, CLAIM_FILE)  # another sweep runner has it, just started
+    runner = hold(third.run_dir, CLAIM_FILE)  # another sweep runner has it, just started
     try:
         main([str(spec_path), "--dry-run"])
     finally:
