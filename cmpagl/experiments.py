@@ -1116,7 +1116,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar=("NAME", "VALUE"),
         help="a notebook parameter for every run, VALUE read as YAML (repeatable)",
     )
-    p.add_argument("--only", action="append", default=[], metavar="VARIANT", help="run only this")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="VARIANT",
+        help="run only this variant (repeatable; the runs keep the spec's order)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[], help="run only these seeds")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state")
     p.add_argument(
