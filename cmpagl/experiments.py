@@ -703,11 +703,17 @@ def run_sweep(
     retry = {i for i in todo if records[i] is not None}  # failed before this call: once more
     tried: set[int] = set()  # done by this call (a run failed now waits for the next call)
     passed: set[int] = set()  # held elsewhere when this call came to them (said once each)
+
+    def refresh() -> None:
+        """Re-read every record but this call's own: other runners' land while a run trains,
+        and the tables cover every run of the spec, selected by this call or not."""
+        for j, run in enumerate(runs):
+            if j not in tried:
+                records[j] = _current(read_record(run), params[run])
+
     try:
         while True:
-            for j in selected:  # other runners' records too, for the tables and the count
-                if j not in tried:
-                    records[j] = _current(read_record(runs[j]), params[runs[j]])
+            refresh()
             bar.n = sum(_status(records[j]) == "ok" for j in selected)
             bar.refresh()
             todo = [
@@ -737,6 +743,7 @@ def run_sweep(
             if done is None:  # nothing left, or everything left is held elsewhere
                 break
             tried.add(done)
+            refresh()
             write_tables(report)  # after every run: an interrupted sweep keeps its table
             if commit:
                 commit_results(spec, f"{runs[done].label}: {_status(records[done])}", log)
@@ -745,6 +752,7 @@ def run_sweep(
     elsewhere = [runs[i].label for i in sorted(passed) if _status(records[i]) == "pending"]
     if elsewhere:
         log(f"still held elsewhere, not run by this call: {', '.join(elsewhere)}")
+    refresh()
     write_tables(report)
     return report
 

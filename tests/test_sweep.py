@@ -328,6 +328,51 @@ def test_a_run_held_by_another_process_is_passed_over(tmp_path, capsys):
         assert holder == ""
 
 
+def test_the_tables_have_the_records_other_runners_wrote_while_this_one_trained(
+    tmp_path, monkeypatch
+):
+    """Two runners share a sweep, one with ``--only``: while it trains a run, the other's
+    records land (a run it selected, and one it did not). The tables it writes and commits
+    right after its run have them all, not the view it had when the run began."""
+    import cmpagl.experiments as experiments
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(
+        f"config: configs/ucm_cpu.yaml\nseeds: [0, 1]\nresults: {tmp_path / 'results'}\n"
+        f"out: {tmp_path / 'runs'}\nvariants:\n  full: []\n  other: [loss.w_tri=0]\n"
+    )
+    runs = {r.label: r for r in load_spec(spec_path).runs()}
+
+    def result(r_mean: float, overrides: list[str]) -> dict:
+        return {
+            "split": "test",
+            "overrides": overrides,
+            "test": {"none": {"r_mean": r_mean}},
+            "training": {"best_val_r_mean": r_mean},
+        }
+
+    def execute(spec, run, params):  # the other runner finishes two runs meanwhile
+        for label, overrides in [("full seed 1", []), ("other seed 0", ["loss.w_tri=0"])]:
+            runs[label].record_path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"status": "ok", **result(7.0, overrides)}
+            runs[label].record_path.write_text(json.dumps(record))
+        return result(5.0, list(params["overrides"]))
+
+    committed: list[str] = []
+    monkeypatch.setattr(experiments, "_execute", execute)
+    monkeypatch.setattr(
+        experiments,
+        "commit_results",
+        lambda spec, what, log: committed.append((spec.results / "table.md").read_text()),
+    )
+    report = run_sweep(load_spec(spec_path), only=["full"], commit=True, log=lambda line: None)
+    assert report.executed == 1  # full seed 1 landed meanwhile: not run a second time
+    assert len(committed) == 1
+    for table in [committed[0], (tmp_path / "results" / "study" / "table.md").read_text()]:
+        assert "| full | 2/2 | 6.00 ± 1.41 |" in table, table
+        assert "| other | 1/2 | 7.00 |" in table, table
+
+
 @pytest.mark.slow
 def test_two_runners_share_a_sweep_and_run_each_run_once(repo_root, tmp_path, small_synthetic):
     """``cmpagl sweep SPEC`` started twice at once: each run is executed by exactly one of them,
