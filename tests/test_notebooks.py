@@ -205,6 +205,9 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     )
     (curves,) = [c for c in nb["cells"][start:end] if "setting_table(" in "".join(c["source"])]
     assert [o for o in curves["outputs"] if "image/png" in o.get("data", {})]
+    chance = template["chance"]["chance_r_mean"]  # printed, not drawn: the axis fits the runs
+    printed = "".join("".join(o.get("text", "")) for o in curves["outputs"])
+    assert f"chance level on this test split: mR {chance:.2f}" in printed
     text = _study_outputs({"cells": nb["cells"][:start] + nb["cells"][end:]})
     n = len(spec.variants)
     assert f"{3 * n} of {3 * n} runs finished" in text
