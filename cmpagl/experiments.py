@@ -752,8 +752,7 @@ def run_sweep(
     elsewhere = [runs[i].label for i in sorted(passed) if _status(records[i]) == "pending"]
     if elsewhere:
         log(f"still held elsewhere, not run by this call: {', '.join(elsewhere)}")
-    refresh()
-    write_tables(report)
+    write_tables(report)  # the records as the loop's last refresh() read them
     return report
 
 
