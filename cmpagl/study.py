@@ -8,6 +8,7 @@ them); nothing here trains or evaluates.
     claims_markdown(report, [Claim("the global window helps", "cmpagl", "no_global")])
     target_verdict(paired_interval(report, "baseline", "cmpagl"), 5.0)
     budget_markdown(report, ["cmpagl"])     # was the budget long enough?
+    compute_markdown(report), machines_lines(report)   # what it cost, and on which machines
     setting_table(report, "loss.lambda_intra", ["add_pool", "lambda_intra_0"])  # a sweep
     grid_edges_markdown(report)             # re-ranker settings chosen at an end of their grid
     grid_widening_markdown(json.load(open("results/decisions/ucm_smr_grid.json")))  # and a wider
@@ -44,6 +45,7 @@ __all__ = [
     "late_gain",
     "load_report",
     "long_table",
+    "machines_lines",
     "paired_interval",
     "setting_table",
     "target_verdict",
@@ -225,8 +227,9 @@ def claims_markdown(report: SweepReport, claims: Sequence[Claim]) -> str:
 def compute_markdown(report: SweepReport) -> str:
     """A Markdown table of the compute the finished runs took, per variant and in total:
     training wall-clock hours (summed over a run's attempts, as its training log counts them),
-    mean training samples/s, and the devices they ran on (with the torch threads a run had,
-    where its record says: runners side by side share the cores)."""
+    mean training samples/s, and the devices they ran on (with the processor model and the
+    torch threads a run had, where its record says: runners side by side share the cores, and
+    a study resumed on other machines can mix machines of different speed)."""
     per: dict[str, dict[str, Any]] = {}
     for run, rec in report.finished():
         row = per.setdefault(run.variant.name, {"runs": 0, "s": 0.0, "rates": [], "dev": set()})
@@ -235,8 +238,11 @@ def compute_markdown(report: SweepReport) -> str:
         row["s"] += float(training.get("wall_time_s") or 0.0)
         if training.get("samples_per_s"):
             row["rates"].append(float(training["samples_per_s"]))
-        threads = (rec.get("hardware") or {}).get("torch_threads")
+        hardware = rec.get("hardware") or {}
+        threads, cpu = hardware.get("torch_threads"), hardware.get("cpu")
         device = str(rec.get("device", "?"))
+        if cpu and device == "cpu":
+            device = f"cpu ({cpu})"
         row["dev"].add(f"{device}, {threads} thread{'s' * (threads != 1)}" if threads else device)
     lines = [
         "| variant | finished runs | training hours | samples/s (mean) | device |",
@@ -249,6 +255,28 @@ def compute_markdown(report: SweepReport) -> str:
     runs, hours = sum(r["runs"] for r in per.values()), sum(r["s"] for r in per.values()) / 3600
     lines.append(f"| **total** | {runs} of {len(report.runs)} | {hours:.2f} | | |")
     return "\n".join(lines)
+
+
+def machines_lines(report: SweepReport) -> list[str]:
+    """A line per machine the finished runs trained on, as their records name it: processor,
+    cores, torch threads and torch version, with how many runs each; records that do not name
+    the processor are counted on one line of their own, last."""
+    counts: Counter[tuple] = Counter()
+    unnamed = 0
+    for _, rec in report.finished():
+        h = rec.get("hardware") or {}
+        if h.get("cpu") is None:
+            unnamed += 1
+            continue
+        counts[(h["cpu"], h.get("cpu_count"), h.get("torch_threads"), h.get("torch"))] += 1
+    lines = [
+        f"{cpu}: {cores} cores, {threads} torch thread{'s' * (threads != 1)}, "
+        f"torch {torch_version} ({n} run{'s' * (n != 1)})"
+        for (cpu, cores, threads, torch_version), n in sorted(counts.items(), key=str)
+    ]
+    if unnamed:
+        lines.append(f"{unnamed} run{'s' * (unnamed != 1)} without a record of the processor")
+    return lines
 
 
 def grid_edges_markdown(report: SweepReport) -> str:

@@ -239,6 +239,12 @@ def test_ablation_chapter_reads_a_finished_study(repo_root, tmp_path):
     for name in ("cmpagl", "baseline", "baseline_same_time"):
         assert f"| {name} | 2 | {template['training']['steps']} | {best} | {gain:+.2f} |" in text
     assert f"| **total** | {3 * n} of {3 * n} |" in text
+    # what both studies cost, each with the machines its records name
+    assert f"| **total** | {3 * m} of {3 * m} |" in text
+    hw = template["hardware"]
+    threads = f"{hw['torch_threads']} torch thread{'s' * (hw['torch_threads'] != 1)}"
+    machine = f"{hw['cpu']}: {hw['cpu_count']} cores, {threads}, torch {hw['torch']}"
+    assert f"{machine} ({3 * n} runs)" in text and f"{machine} ({3 * m} runs)" in text
     # the re-rankers' grids: every run is a copy of the template, so all or none on an edge
     for name, edges in template["on_edge"].items():
         at_edge = 3 * n if any(edges.values()) else 0

@@ -671,6 +671,11 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
             }
             if run.variant.name == "a":  # two runners side by side, one core each
                 record["hardware"] = {"torch_threads": 1 + (run.seed == 2)}
+            if run.variant.name == "b":  # resumed on another machine after seed 0
+                cpu = "Intel Xeon" if run.seed == 0 else "AMD EPYC"
+                record["hardware"] = {
+                    "cpu": cpu, "cpu_count": 2, "torch_threads": 1, "torch": "2.14.1"
+                }  # fmt: skip
             run.record_path.write_text(json.dumps(record))
     report = load_report(spec_path)
     claims = [
@@ -706,7 +711,17 @@ def test_claims_and_compute_are_read_from_the_records(tmp_path):
     compute = compute_markdown(report).splitlines()
     assert "| full | 3 | 1.50 | 8.00 | cpu |" in compute
     assert "| a | 3 | 1.50 | 8.00 | cpu, 1 thread; cpu, 2 threads |" in compute
+    assert (
+        "| b | 3 | 1.50 | 8.00 | cpu (AMD EPYC), 1 thread; cpu (Intel Xeon), 1 thread |" in compute
+    )
     assert compute[-1] == "| **total** | 11 of 12 | 5.50 | | |"
+    from cmpagl.study import machines_lines
+
+    assert machines_lines(report) == [
+        "AMD EPYC: 2 cores, 1 torch thread, torch 2.14.1 (2 runs)",
+        "Intel Xeon: 2 cores, 1 torch thread, torch 2.14.1 (1 run)",
+        "8 runs without a record of the processor",  # full, c, and a (threads only)
+    ]
     from cmpagl.report import PairedInterval
     from cmpagl.study import claim_verdict
 
