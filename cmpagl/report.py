@@ -213,6 +213,16 @@ def group_by_config(record: Mapping[str, Any]) -> dict[str, list[Entry]]:
     return groups
 
 
+def hardware_text(hw: Mapping[str, Any]) -> str:
+    """A hardware record (:func:`cmpagl.evaluate.hardware_info`) as its cores, torch threads and
+    torch version, e.g. ``"2 cores, 1 torch thread, torch 2.14.1"``."""
+    threads = hw.get("torch_threads")
+    return (
+        f"{hw.get('cpu_count')} cores, {threads} torch thread{'s' * (threads != 1)}, "
+        f"torch {hw.get('torch')}"
+    )
+
+
 def provenance_lines(record: Mapping[str, Any]) -> list[str]:
     """Where a table's numbers came from: command, commit and date, training commit(s),
     hardware; then, per config after the first, how its resolved config differs from the
@@ -223,8 +233,7 @@ def provenance_lines(record: Mapping[str, Any]) -> list[str]:
         f"command : {record['command']}",
         f"summary : commit {record['commit']}, {record['date']}",
         f"trained : commit {', '.join(trained)}",
-        f"hardware: {hw['cpu']}, {hw['cpu_count']} cores, {hw['torch_threads']} torch threads, "
-        f"torch {hw['torch']}, {hw['device']}",
+        f"hardware: {hw['cpu']}, {hardware_text(hw)}, {hw['device']}",
     ]
     by_config = group_by_config(record)
     configs = list(by_config)

@@ -31,7 +31,7 @@ from cmpagl.experiments import (
     load_spec,
     run_sweep,
 )
-from cmpagl.report import KEYS
+from cmpagl.report import KEYS, hardware_text
 
 __all__ = [
     "Claim",
@@ -261,19 +261,12 @@ def machines_lines(report: SweepReport) -> list[str]:
     """A line per machine the finished runs trained on, as their records name it: processor,
     cores, torch threads and torch version, with how many runs each; records that do not name
     the processor are counted on one line of their own, last."""
-    counts: Counter[tuple] = Counter()
-    unnamed = 0
+    counts: Counter[str] = Counter()
     for _, rec in report.finished():
         h = rec.get("hardware") or {}
-        if h.get("cpu") is None:
-            unnamed += 1
-            continue
-        counts[(h["cpu"], h.get("cpu_count"), h.get("torch_threads"), h.get("torch"))] += 1
-    lines = [
-        f"{cpu}: {cores} cores, {threads} torch thread{'s' * (threads != 1)}, "
-        f"torch {torch_version} ({n} run{'s' * (n != 1)})"
-        for (cpu, cores, threads, torch_version), n in sorted(counts.items(), key=str)
-    ]
+        counts[f"{h['cpu']}: {hardware_text(h)}" if h.get("cpu") else ""] += 1
+    unnamed = counts.pop("", 0)
+    lines = [f"{machine} ({n} run{'s' * (n != 1)})" for machine, n in sorted(counts.items())]
     if unnamed:
         lines.append(f"{unnamed} run{'s' * (unnamed != 1)} without a record of the processor")
     return lines
